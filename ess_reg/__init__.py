@@ -1,0 +1,25 @@
+"""ess-reg: measure and shape the effective state-size (ESS) of sequence models."""
+
+from ess_reg.functional import (
+    average_ess,
+    ess_curve,
+    split_singular_values,
+    theoretical_state_size,
+    total_ess,
+    utilization,
+)
+from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseOperator",
+    "DiagonalRealization",
+    "Operator",
+    "average_ess",
+    "ess_curve",
+    "split_singular_values",
+    "theoretical_state_size",
+    "total_ess",
+    "utilization",
+]

@@ -1,0 +1,30 @@
+"""Functional ESS math: split spectra, ESS curves and their aggregates."""
+
+from ess_reg.functional.ess import (
+    DEFAULT_TOL,
+    average_ess,
+    ess_curve,
+    resolve_method,
+    split_singular_values,
+    theoretical_state_size,
+    total_ess,
+    utilization,
+    utilization_from_curve,
+)
+from ess_reg.functional.spectrum import entropy_ess, tolerance_ess
+from ess_reg.functional.splits import resolve_splits
+
+__all__ = [
+    "DEFAULT_TOL",
+    "average_ess",
+    "entropy_ess",
+    "ess_curve",
+    "resolve_method",
+    "resolve_splits",
+    "split_singular_values",
+    "theoretical_state_size",
+    "tolerance_ess",
+    "total_ess",
+    "utilization",
+    "utilization_from_curve",
+]

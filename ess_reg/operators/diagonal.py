@@ -1,0 +1,230 @@
+"""``DiagonalRealization``: a diagonal (or scalar) state-space realization of ``T``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ess_reg.operators._checks import (
+    real_dtype_of,
+    require_finite,
+    require_rank,
+    require_seq_len,
+    require_tensor,
+    working_dtype,
+)
+from ess_reg.operators.base import Operator
+
+#: ``log_decay`` above this value means a growing (unstable) state and is rejected.
+MAX_LOG_DECAY = 1e-6
+
+
+class DiagonalRealization(Operator):
+    r"""A causal operator given by a diagonal linear recurrence, one per channel (or head).
+
+    .. math::
+
+        h_i = \mathrm{diag}(e^{\ell_i}) h_{i-1} + b_i u_i, \qquad y_i = c_i^\top h_i,
+
+    so that ``T[i, j] = sum_n c[i, n] * b[j, n] * exp(G[i, n] - G[j, n])`` for ``j <= i``, with
+    ``G = cumsum(log_decay)`` over time (``log_decay[0]`` never matters). This one form covers linear
+    attention (``log_decay=None``), WLA, GLA, RetNet, Mamba-1/S6, Mamba-2/SSD (scalar decay) and S4D.
+
+    Complex factors (S4D, S5): when any of ``c``, ``b``, ``log_decay`` is complex the operator is the
+    **real part**, ``T = Re(sum_n ...)``, whose state is the real augmented system of size ``2N``
+    (``state_size == 2 * N``). S4D keeps one mode of each conjugate pair and writes its kernel as
+    ``2 Re(C Abar^k Bbar)``: pass ``c = 2 * C`` (or double ``b``) to get that kernel.
+
+    Args:
+        c: output factors ``[..., C, L, N]`` (batch optional), real or complex.
+        b: input factors ``[..., C, L, N]``, same shape as ``c``.
+        log_decay: per-step log decay ``[..., C, L, N]`` (diagonal), ``[..., C, L, 1]`` (one scalar
+            decay per channel or head, Mamba-2 style) or ``None`` (no decay: linear attention). Its
+            real part must be ``<= 0`` (a stable state), up to ``MAX_LOG_DECAY``.
+        validate: check shapes, finiteness and stability (one host sync per tensor).
+    """
+
+    def __init__(
+        self,
+        c: torch.Tensor,
+        b: torch.Tensor,
+        log_decay: torch.Tensor | None = None,
+        *,
+        validate: bool = True,
+    ) -> None:
+        require_tensor(c, "c")
+        require_tensor(b, "b")
+        if log_decay is not None:
+            require_tensor(log_decay, "log_decay")
+        if validate:
+            _validate(c, b, log_decay)
+        self._c, self._b, self._log_decay = c, b, log_decay
+
+    # -- stored tensors -------------------------------------------------------------------------
+    @property
+    def c(self) -> torch.Tensor:
+        """Output factors ``[..., C, L, N]``."""
+        return self._c
+
+    @property
+    def b(self) -> torch.Tensor:
+        """Input factors ``[..., C, L, N]``."""
+        return self._b
+
+    @property
+    def log_decay(self) -> torch.Tensor | None:
+        """Per-step log decay ``[..., C, L, N]``, ``[..., C, L, 1]`` or ``None``."""
+        return self._log_decay
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self._c, self._b, self._log_decay) if t is not None)
+
+    # -- Operator interface ---------------------------------------------------------------------
+    @property
+    def is_complex(self) -> bool:
+        """Whether the realization is complex (the operator is then its real part)."""
+        return any(t.is_complex() for t in self.tensors())
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The common dtype of the factors (complex when any factor is complex)."""
+        dtype = self._c.dtype
+        for t in self.tensors()[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        return dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._c.shape[:-2]
+
+    @property
+    def seq_len(self) -> int:
+        return self._c.shape[-2]
+
+    @property
+    def num_modes(self) -> int:
+        """Number of (possibly complex) state modes ``N`` per channel."""
+        return self._c.shape[-1]
+
+    @property
+    def state_size(self) -> int:
+        """``N`` for a real realization, ``2 N`` for a complex one (the real augmented state)."""
+        return 2 * self.num_modes if self.is_complex else self.num_modes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return real_dtype_of(self.factor_dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self._c.device
+
+    def to(self, *args: Any, **kwargs: Any) -> DiagonalRealization:
+        """Move or cast like :meth:`torch.Tensor.to`. A real ``dtype`` keeps complex factors
+        complex (at the matching precision)."""
+        moved = [_move(t, args, kwargs) if t is not None else None
+                 for t in (self._c, self._b, self._log_decay)]
+        return DiagonalRealization(*moved, validate=False)
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Materialize ``T`` as ``[..., C, L, L]`` (real), masking the future before ``exp``.
+
+        Computed in at least float32 and cast to ``dtype`` (default: :attr:`dtype`).
+        Memory is ``O(L^2)`` per channel; the loop runs over state modes, not over time.
+        """
+        out_dtype = self.dtype if dtype is None else dtype
+        compute = working_dtype(out_dtype)
+        c, b, log_decay = self.factors(compute)
+        return materialize(c, b, log_decay).to(out_dtype)
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(c, b, log_decay)`` cast to the real ``dtype`` (complex counterpart if complex)."""
+        target = _complex_dtype(dtype) if self.is_complex else dtype
+        cast = [t.to(target) if t is not None else None for t in (self._c, self._b, self._log_decay)]
+        return cast[0], cast[1], cast[2]
+
+
+def materialize(c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None) -> torch.Tensor:
+    """``Re T[..., i, j] = Re sum_n c[i,n] b[j,n] exp(G[i,n] - G[j,n])`` for ``j <= i``, else 0.
+
+    Shapes: ``c``, ``b`` ``[..., L, N]``; ``log_decay`` ``[..., L, N]``, ``[..., L, 1]`` or None.
+    """
+    length = c.shape[-2]
+    causal = torch.ones(length, length, dtype=torch.bool, device=c.device).tril()
+    if log_decay is None:
+        out = c @ b.mT
+        return out.real.masked_fill(~causal, 0) if out.is_complex() else out.masked_fill(~causal, 0)
+    cum = torch.cumsum(log_decay, dim=-2)
+    if log_decay.shape[-1] == 1:
+        out = (c @ b.mT) * masked_decay(cum[..., :, 0], causal)
+        return out.real if out.is_complex() else out
+    out = torch.zeros(
+        c.shape[:-1] + (length,), dtype=c.real.dtype, device=c.device
+    )
+    for n in range(c.shape[-1]):
+        term = c[..., :, None, n] * b[..., None, :, n] * masked_decay(cum[..., n], causal)
+        out = out + (term.real if term.is_complex() else term)
+    return out
+
+
+def masked_decay(cum: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """``exp(cum[i] - cum[j])`` where ``causal[i, j]``, exactly 0 elsewhere, never overflowing.
+
+    ``cum`` is ``[..., L]``; returns ``[..., L, L]``. The exponent is replaced by 0 before ``exp``
+    where masked, so neither the value nor the gradient sees the (positive) future exponents.
+    """
+    diff = cum[..., :, None] - cum[..., None, :]
+    safe = torch.where(causal, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+    return torch.where(causal, torch.exp(safe), torch.zeros((), dtype=diff.dtype, device=diff.device))
+
+
+def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_complex:
+        return dtype
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def _move(t: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    dtype = kwargs.get("dtype")
+    for a in args:
+        if isinstance(a, torch.dtype):
+            dtype = a
+    if dtype is not None and t.is_complex() and not dtype.is_complex:
+        new_args = tuple(_complex_dtype(a) if isinstance(a, torch.dtype) else a for a in args)
+        new_kwargs = dict(kwargs, dtype=_complex_dtype(dtype)) if "dtype" in kwargs else kwargs
+        return t.to(*new_args, **new_kwargs)
+    return t.to(*args, **kwargs)
+
+
+def _validate(c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None) -> None:
+    require_rank(c, "c", "[batch, C, L, N]")
+    if b.shape != c.shape:
+        raise ValueError(
+            f"b must have the same shape as c [..., C, L, N], got b {tuple(b.shape)} and "
+            f"c {tuple(c.shape)}"
+        )
+    require_seq_len(c.shape[-2], "c")
+    if c.shape[-1] < 1:
+        raise ValueError(f"c has state dim N = 0 (shape {tuple(c.shape)}); N must be >= 1")
+    for name, t in (("b", b), ("log_decay", log_decay)):
+        if t is not None and t.device != c.device:
+            raise ValueError(f"{name} is on {t.device} but c is on {c.device}; move them together")
+    require_finite(c, "c")
+    require_finite(b, "b")
+    if log_decay is None:
+        return
+    n = c.shape[-1]
+    if log_decay.shape[:-1] != c.shape[:-1] or log_decay.shape[-1] not in (1, n):
+        raise ValueError(
+            f"log_decay must have shape [..., C, L, N] = {tuple(c.shape)} (diagonal decay) or "
+            f"{tuple(c.shape[:-1]) + (1,)} (scalar decay), got {tuple(log_decay.shape)}"
+        )
+    require_finite(log_decay, "log_decay")
+    growth = log_decay.detach().real.max()
+    if bool(growth > MAX_LOG_DECAY):
+        raise ValueError(
+            f"log_decay has a positive entry {float(growth):.3g} (> {MAX_LOG_DECAY:g}): the state "
+            "would grow without bound (unstable); a stable decay has log_decay <= 0, e.g. "
+            "log_decay = -softplus(x) or logsigmoid(x)"
+        )

@@ -1,0 +1,84 @@
+"""Operators: materialization, metadata, device/dtype moves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_causal, random_realization, reference_matrix
+
+from ess_reg import DenseOperator, DiagonalRealization
+from ess_reg.operators import as_operator
+
+
+@pytest.mark.parametrize("decay", ["diagonal", "scalar", None])
+@pytest.mark.parametrize("complex_", [False, True])
+def test_realization_dense_matches_entrywise_reference(decay, complex_):
+    c, b, ld = random_realization(2, 9, 3, decay=decay, complex_=complex_, seed=3)
+    op = DiagonalRealization(c, b, ld)
+    expected = reference_matrix(c, b, ld)
+    np.testing.assert_allclose(op.dense().numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert op.dense().dtype == torch.float64
+
+
+def test_realization_dense_equals_recurrence():
+    """``T u`` equals running ``h_i = diag(exp(ld_i)) h_{i-1} + b_i u_i``, ``y_i = c_i . h_i``."""
+    c, b, ld = random_realization(1, 15, 4, seed=1)
+    u = torch.randn(15, dtype=torch.float64)
+    h = torch.zeros(4, dtype=torch.float64)
+    ys = []
+    for i in range(15):
+        h = torch.exp(ld[0, i]) * h + b[0, i] * u[i]
+        ys.append((c[0, i] * h).sum())
+    y = torch.stack(ys)
+    torch.testing.assert_close(DiagonalRealization(c, b, ld).dense()[0] @ u, y)
+
+
+def test_dense_never_overflows_with_strong_decay():
+    c, b, _ = random_realization(1, 200, 2)
+    ld = torch.full((1, 200, 2), -50.0, dtype=torch.float64)
+    matrix = DiagonalRealization(c, b, ld).dense()
+    assert torch.isfinite(matrix).all()
+    assert (matrix.triu(1) == 0).all()
+
+
+def test_metadata_and_state_size():
+    c, b, ld = random_realization(3, 10, 4, batch=2)
+    op = DiagonalRealization(c, b, ld)
+    assert op.shape == (2, 3) and op.batch_shape == (2,) and op.num_channels == 3
+    assert op.seq_len == 10 and op.state_size == 4
+    cc, bc, ldc = random_realization(3, 10, 4, complex_=True)
+    assert DiagonalRealization(cc, bc, ldc).state_size == 8
+    assert DiagonalRealization(cc, bc, ldc).dtype == torch.float64
+    dense = DenseOperator(random_causal(3, 10))
+    assert dense.state_size is None and dense.seq_len == 10 and dense.shape == (3,)
+    assert "DenseOperator" in repr(dense)
+
+
+def test_to_moves_and_casts():
+    c, b, ld = random_realization(2, 8, 3, complex_=True)
+    op = DiagonalRealization(c, b, ld).to(torch.float32)
+    assert op.c.dtype == torch.complex64 and op.dtype == torch.float32
+    dense = DenseOperator(random_causal(2, 8)).to(dtype=torch.float32)
+    assert dense.matrix.dtype == torch.float32
+    assert isinstance(dense.to("cpu"), DenseOperator)
+
+
+def test_dense_operator_zeroes_rounding_noise_above_diagonal():
+    matrix = random_causal(1, 6) + 1e-12 * torch.ones(1, 6, 6, dtype=torch.float64).triu(1)
+    assert (DenseOperator(matrix).dense().triu(1) == 0).all()
+
+
+def test_as_operator_wraps_tensors():
+    assert isinstance(as_operator(random_causal(1, 5)), DenseOperator)
+    with pytest.raises(TypeError, match="operator must be"):
+        as_operator([[1.0]])
+
+
+def test_low_precision_factors_materialize():
+    c, b, ld = random_realization(2, 8, 3)
+    op = DiagonalRealization(c.half(), b.half(), ld.half())
+    dense = op.dense()
+    assert dense.dtype == torch.float16
+    torch.testing.assert_close(dense.double(), DiagonalRealization(
+        c.half().double(), b.half().double(), ld.half().double()).dense(), atol=1e-2, rtol=1e-2)

@@ -1,0 +1,129 @@
+"""Every validation error names the argument and says what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_causal, random_realization
+
+from ess_reg import DenseOperator, DiagonalRealization, ess_curve, split_singular_values
+
+
+def test_dense_wrong_rank():
+    with pytest.raises(ValueError, match=r"matrix must have shape .*matrix\[None\]"):
+        DenseOperator(torch.eye(4))
+    with pytest.raises(ValueError, match="merge the extra leading dims"):
+        DenseOperator(torch.zeros(2, 2, 2, 4, 4))
+
+
+def test_dense_not_square():
+    with pytest.raises(ValueError, match="square"):
+        DenseOperator(torch.zeros(1, 4, 5))
+
+
+def test_dense_too_short():
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        DenseOperator(torch.ones(1, 1, 1))
+
+
+def test_dense_not_causal_reports_largest_entry():
+    matrix = random_causal(2, 5)
+    matrix[1, 1, 3] = 7.5
+    with pytest.raises(ValueError, match=r"not causal.*7\.5 at index \(1, 1, 3\)"):
+        DenseOperator(matrix)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_dense_non_finite(bad):
+    matrix = random_causal(1, 4)
+    matrix[0, 2, 1] = bad
+    with pytest.raises(ValueError, match=r"matrix contains 1 non-finite.*\(0, 2, 1\)"):
+        DenseOperator(matrix)
+
+
+def test_dense_type_errors():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        DenseOperator([[1.0, 0.0], [1.0, 1.0]])
+    with pytest.raises(TypeError, match="floating-point"):
+        DenseOperator(torch.ones(1, 3, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="must be real"):
+        DenseOperator(torch.ones(1, 3, 3, dtype=torch.complex64).tril())
+
+
+def test_realization_shape_errors():
+    c, b, ld = random_realization(2, 6, 3)
+    with pytest.raises(ValueError, match="b must have the same shape as c"):
+        DiagonalRealization(c, b[..., :2], ld)
+    with pytest.raises(ValueError, match="c must have shape"):
+        DiagonalRealization(c[0], b[0], ld[0])
+    with pytest.raises(ValueError, match="log_decay must have shape"):
+        DiagonalRealization(c, b, ld[..., :2])
+    with pytest.raises(ValueError, match="log_decay must have shape"):
+        DiagonalRealization(c, b, ld[:, :5])
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        DiagonalRealization(c[:, :1], b[:, :1])
+    with pytest.raises(ValueError, match="N = 0"):
+        DiagonalRealization(c[..., :0], b[..., :0])
+
+
+def test_realization_non_finite_and_unstable():
+    c, b, ld = random_realization(2, 6, 3)
+    bad = c.clone()
+    bad[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="c contains 1 non-finite"):
+        DiagonalRealization(bad, b, ld)
+    bad = b.clone()
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="b contains 1 non-finite"):
+        DiagonalRealization(c, bad, ld)
+    bad = ld.clone()
+    bad[0, 0, 0] = -float("inf")
+    with pytest.raises(ValueError, match="log_decay contains 1 non-finite"):
+        DiagonalRealization(c, b, bad)
+    bad = ld.clone()
+    bad[0, 3, 1] = 0.25
+    with pytest.raises(ValueError, match=r"log_decay has a positive entry 0\.25.*unstable"):
+        DiagonalRealization(c, b, bad)
+    DiagonalRealization(c, b, ld.clamp_max(0) + 1e-9)  # rounding noise is accepted
+
+
+def test_realization_type_errors():
+    c, b, _ = random_realization(2, 6, 3)
+    with pytest.raises(TypeError, match="b must be a torch.Tensor"):
+        DiagonalRealization(c, b.numpy())
+    with pytest.raises(TypeError, match="log_decay must be a floating-point"):
+        DiagonalRealization(c, b, torch.zeros(2, 6, 3, dtype=torch.int32))
+
+
+def test_functional_argument_errors():
+    op = random_causal(2, 6)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ess_curve(op, "rank")
+    with pytest.raises(ValueError, match="method must be one of"):
+        ess_curve(op, method="svd")
+    with pytest.raises(ValueError, match="needs a state realization"):
+        ess_curve(op, method="gramian")
+    with pytest.raises(ValueError, match="dtype must be torch.float64 or torch.float32"):
+        ess_curve(op, dtype=torch.float16)
+    with pytest.raises(ValueError, match="tol must be a finite number"):
+        ess_curve(op, "tolerance", tol=-1.0)
+    with pytest.raises(TypeError, match="operator must be"):
+        ess_curve("not an operator")
+
+
+@pytest.mark.parametrize(
+    ("splits", "error", "pattern"),
+    [
+        ([0, 2], ValueError, r"1 \.\. L-1 = 1 \.\. 5"),
+        ([6], ValueError, "1 .. 5"),
+        (0, ValueError, "positive number of splits"),
+        (torch.tensor([1.5]), TypeError, "integer split indices"),
+        (torch.tensor([[1, 2]]), ValueError, "1-D"),
+        ([], ValueError, "non-empty"),
+        ("3", TypeError, "splits must be"),
+        (True, TypeError, "bool"),
+    ],
+)
+def test_split_errors(splits, error, pattern):
+    with pytest.raises(error, match=pattern):
+        split_singular_values(random_causal(1, 6), splits=splits)

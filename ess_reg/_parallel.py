@@ -25,6 +25,6 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], device: torch.device)
     if device.type != "cpu" or workers < 2 or len(items) < 2:
         return [fn(x) for x in items]
     global _POOL
-    if _POOL is None or _POOL._max_workers != workers:  # noqa: SLF001
+    if _POOL is None or _POOL._max_workers != workers:
         _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ess-reg")
     return list(_POOL.map(fn, items))

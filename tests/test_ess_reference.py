@@ -23,18 +23,10 @@ from ess_reg import (
     total_ess,
     utilization,
 )
-from ess_reg.functional import gramian_route
 
 DENSE_RTOL = 1e-8
 GRAMIAN_RTOL = 1e-6
 KINDS = ["entropy", "tolerance"]
-
-
-@pytest.fixture(params=["direct", "sequential"])
-def gramian_mode(request, monkeypatch):
-    """Run the gramian route both with per-split factors and with the sequential sweeps."""
-    monkeypatch.setattr(gramian_route, "_DIRECT_MAX_SPLITS", 10_000 if request.param == "direct" else 0)
-    return request.param
 
 
 def _realizations():
@@ -61,7 +53,7 @@ def test_dense_route_on_random_dense(kind):
 @pytest.mark.parametrize(("name", "factors"), REALIZATIONS, ids=[r[0] for r in REALIZATIONS])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ["dense", "gramian"])
-def test_routes_on_random_realizations(name, factors, kind, method, gramian_mode):
+def test_routes_on_random_realizations(name, factors, kind, method):
     op = DiagonalRealization(*factors)
     matrix = reference_matrix(*(None if t is None else t.reshape(-1, *t.shape[-2:])
                                 for t in factors))
@@ -74,7 +66,7 @@ def test_routes_on_random_realizations(name, factors, kind, method, gramian_mode
 
 @pytest.mark.parametrize(("name", "factors"), REALIZATIONS, ids=[r[0] for r in REALIZATIONS])
 @pytest.mark.parametrize("method", ["dense", "gramian"])
-def test_singular_values_match_reference(name, factors, method, gramian_mode):
+def test_singular_values_match_reference(name, factors, method):
     op = DiagonalRealization(*factors)
     matrix = reference_matrix(*(None if t is None else t.reshape(-1, *t.shape[-2:])
                                 for t in factors))
@@ -91,7 +83,7 @@ def test_singular_values_match_reference(name, factors, method, gramian_mode):
 
 @pytest.mark.parametrize("splits", [5, [3, 1, 17, 3], torch.tensor([12, 2])])
 @pytest.mark.parametrize("method", ["dense", "gramian"])
-def test_sampled_splits(splits, method, gramian_mode):
+def test_sampled_splits(splits, method):
     factors = random_realization(2, 21, 3, seed=2)
     op = DiagonalRealization(*factors)
     full = ess_curve(op, method="dense")

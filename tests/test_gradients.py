@@ -8,13 +8,6 @@ from conftest import random_causal, random_realization
 from torch.autograd import gradcheck
 
 from ess_reg import DenseOperator, DiagonalRealization, average_ess, ess_curve
-from ess_reg.functional import gramian_route
-
-
-@pytest.fixture(params=["direct", "sequential"])
-def gramian_mode(request, monkeypatch):
-    monkeypatch.setattr(gramian_route, "_DIRECT_MAX_SPLITS", 10_000 if request.param == "direct" else 0)
-    return request.param
 
 
 def _leaves(*tensors):
@@ -29,7 +22,7 @@ def test_gradcheck_dense_route_on_matrix():
 @pytest.mark.parametrize("decay", ["diagonal", "scalar", None])
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("method", ["dense", "gramian"])
-def test_gradcheck_realization(decay, complex_, method, gramian_mode):
+def test_gradcheck_realization(decay, complex_, method):
     c, b, ld = _leaves(*random_realization(2, 10, 3, decay=decay, complex_=complex_, seed=4))
     inputs = tuple(t for t in (c, b, ld) if t is not None)
 
@@ -41,7 +34,7 @@ def test_gradcheck_realization(decay, complex_, method, gramian_mode):
 
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("splits", [None, 4])
-def test_gramian_gradient_equals_dense_gradient(complex_, splits, gramian_mode):
+def test_gramian_gradient_equals_dense_gradient(complex_, splits):
     factors = random_realization(3, 26, 4, complex_=complex_, seed=6)
     grads = []
     for method in ("dense", "gramian"):
@@ -57,7 +50,7 @@ def _finite_grads(tensors):
 
 
 @pytest.mark.parametrize("method", ["dense", "gramian"])
-def test_finite_gradients_on_rank_deficient_realization(method, gramian_mode):
+def test_finite_gradients_on_rank_deficient_realization(method):
     c, b, ld = random_realization(2, 20, 6, seed=2)
     b[..., 3:] = 0  # only 3 of 6 states are ever written
     c[..., :1] = 0
@@ -67,7 +60,7 @@ def test_finite_gradients_on_rank_deficient_realization(method, gramian_mode):
 
 
 @pytest.mark.parametrize("method", ["dense", "gramian"])
-def test_finite_gradients_with_repeated_singular_values(method, gramian_mode):
+def test_finite_gradients_with_repeated_singular_values(method):
     """Linear attention with one-hot features: many split blocks have equal singular values."""
     length, n = 16, 4
     eye = torch.eye(n, dtype=torch.float64)
@@ -93,7 +86,7 @@ def test_finite_gradients_dense_degenerate_matrices():
 
 
 @pytest.mark.parametrize("method", ["dense", "gramian"])
-def test_finite_gradients_for_splits_before_state_fills(method, gramian_mode):
+def test_finite_gradients_for_splits_before_state_fills(method):
     """``i < N``: the reachable state is still rank deficient."""
     leaves = _leaves(*random_realization(2, 12, 8, seed=3))
     ess_curve(DiagonalRealization(*leaves), splits=[1, 2, 3], method=method).sum().backward()
@@ -101,7 +94,7 @@ def test_finite_gradients_for_splits_before_state_fills(method, gramian_mode):
 
 
 @pytest.mark.parametrize("method", ["dense", "gramian"])
-def test_zero_operator_has_zero_finite_gradient(method, gramian_mode):
+def test_zero_operator_has_zero_finite_gradient(method):
     c, b, ld = random_realization(1, 8, 2)
     leaves = _leaves(torch.zeros_like(c), b, ld)
     curve = ess_curve(DiagonalRealization(*leaves), method=method)

@@ -197,4 +197,4 @@ def _check_tol(tol: float) -> None:
 
 def _flatten(t: torch.Tensor | None) -> torch.Tensor | None:
     """``[..., C, L, X] -> [M, L, X]`` with ``M`` = batch x channels."""
-    return None if t is None else t.reshape((-1,) + tuple(t.shape[-2:]))
+    return None if t is None else t.reshape(-1, *t.shape[-2:])

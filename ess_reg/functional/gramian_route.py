@@ -6,7 +6,7 @@ Gramians ``P_i = R_i R_i^H`` and ``Q_i = O_i^H O_i``, ``sigma_k(H_i)^2 = lambda_
 
 Squaring loses every singular value below ``sqrt(eps) * sigma_max``, so the forward pass never
 forms ``P_i Q_i``: it keeps triangular square roots ``P_i = U_i^H U_i`` and ``Q_i = V_i^H V_i``
-(from QR factorizations, updated step by step or built per split) and takes
+(from QR factorizations updated from one requested split to the next) and takes
 ``sigma(H_i) = sigma(V_i U_i^H)``, an ``N x N`` SVD accurate to about ``eps * sigma_max``.
 Values at or below that resolution are reported as exactly zero.
 
@@ -19,8 +19,11 @@ splits ``i < N`` and for repeated singular values (no singular-vector derivative
 Complex realizations (``T = Re(...)``) are first augmented to the real-output system of twice the
 size: ``c' = [c, conj c] / sqrt 2``, ``b' = [b, conj b] / sqrt 2``, decays ``[l, conj l]``.
 
-Cost per channel: ``O(L N^3)`` for all splits (sequential sweeps), ``O(S L N^2)`` for ``S`` sampled
-splits (built directly, no sweep).
+Both square roots come from two sweeps over the sequence that stop only at the requested splits:
+between two splits ``s < s'`` the new inputs ``b_j`` (``s <= j < s'``), already decayed to
+``h_{s'-1}``, are stacked under the decayed old root and one QR gives the next root (likewise
+backwards for ``V``). Cost per channel: ``O(L N^2 + S N^3)`` time and ``O(L N + S N^2)`` memory for
+``S`` splits, so all ``L - 1`` splits cost ``O(L N^3)`` and a few sampled splits ``O(L N^2)``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,7 @@ import torch
 
 from ess_reg._parallel import parallel_map
 
-#: At most this many splits are built directly; more use the two sequential sweeps.
-_DIRECT_MAX_SPLITS = 48
-#: Splits per batched SVD call in the sequential mode (bounds memory).
+#: Splits per batched SVD call (bounds memory and feeds the thread pool).
 _SVD_CHUNK = 512
 #: Singular values at or below ``_RESOLUTION_FACTOR * n * eps * sigma_max`` are set to zero.
 _RESOLUTION_FACTOR = 8.0
@@ -51,7 +52,7 @@ def gramian_singular_values(
     Args:
         c, b: ``[M, L, N]`` in the compute dtype (real, or complex for a complex realization).
         log_decay: ``[M, L, N]``, ``[M, L, 1]`` or None, same dtype family as ``c``.
-        splits: ``[S]`` int64 split indices on the CPU.
+        splits: ``[S]`` int64 split indices on the CPU (any order, repeats allowed).
         rank: number of values kept per split (``R <= state size``).
 
     Returns:
@@ -62,12 +63,9 @@ def gramian_singular_values(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (c, b, log_decay)
     )
-    sorted_splits, order = torch.sort(splits)
-    if splits.numel() <= _DIRECT_MAX_SPLITS:
-        values = _direct(c, b, log_decay, sorted_splits, needs_grad)
-    else:
-        values = _sequential(c, b, log_decay, sorted_splits, needs_grad)
-    values = values[:, torch.argsort(order).to(values.device)]
+    unique, inverse = torch.unique(splits, sorted=True, return_inverse=True)
+    segments = _Segments(c, b, log_decay, unique)
+    values = segments.singular_values(needs_grad)[:, inverse.to(c.device)]
     width = values.shape[-1]
     values = values[..., :rank] if width >= rank else torch.nn.functional.pad(
         values, (0, rank - width)
@@ -92,166 +90,116 @@ def _augment(
     return c2, b2, log_decay
 
 
-# -- direct mode: each split's factors built explicitly ---------------------------------------------
-def _direct(
-    c: torch.Tensor,
-    b: torch.Tensor,
-    log_decay: torch.Tensor | None,
-    splits: torch.Tensor,
-    needs_grad: bool,
-) -> torch.Tensor:
-    """Reachability ``R_i`` and observability ``O_i`` per split, zero-padded to ``L`` rows."""
-    length = c.shape[-2]
-    device = c.device
-    time = torch.arange(length, device=device)
-    split = splits.to(device)
-    past = time[None, :] < split[:, None]  # [S, L]: inputs j < i
-    if log_decay is None:
-        reach = b[:, None] * past[None, :, :, None]  # rows r_j^T  [M, S, L, N]
-        observe = c[:, None] * (~past)[None, :, :, None]
-    else:
-        cum = torch.cumsum(log_decay, dim=-2)  # [M, L, N']
-        anchor = cum[:, split - 1][:, :, None]  # G_{i-1}: [M, S, 1, N']
-        reach = b[:, None] * _masked_exp(anchor - cum[:, None], past[None, :, :, None])
-        observe = c[:, None] * _masked_exp(cum[:, None] - anchor, (~past)[None, :, :, None])
-    with torch.no_grad():
-        root_p = torch.linalg.qr(reach.detach().conj(), mode="r")[1]  # P = U^H U
-        root_q = torch.linalg.qr(observe.detach(), mode="r")[1]  # Q = V^H V
-    if not needs_grad:
-        return _singular_values(root_p, root_q)
-    gram_p = reach.mT @ reach.conj()  # P = R R^H with R[:, j] = r_j
-    gram_q = observe.mH @ observe
-    return _HankelSingularValues.apply(gram_p, gram_q, root_p, root_q)
+# -- the two sweeps --------------------------------------------------------------------------------
+class _Segments:
+    """Inputs and outputs grouped between consecutive requested splits ``s_1 < ... < s_S``.
+
+    Forward segment ``k`` holds inputs ``j`` in ``[s_{k-1}, s_k)`` (``s_0 = 0``) with rows
+    ``r_j = b_j * exp(G_{s_k - 1} - G_j)``; ``reach_decay[k] = exp(G_{s_k - 1} - G_{s_{k-1} - 1})``
+    carries the state from one split to the next. Backward segment ``k`` holds outputs ``t`` in
+    ``[s_k, s_{k+1})`` (``s_{S+1} = L``) with rows ``o_t = c_t * exp(G_t - G_{s_k - 1})`` and
+    ``observe_decay[k] = exp(G_{s_{k+1} - 1} - G_{s_k - 1})``.
+    """
+
+    def __init__(
+        self, c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None, splits: torch.Tensor
+    ) -> None:
+        length = c.shape[-2]
+        self.bounds = [0, *splits.tolist(), length]
+        self.count = splits.numel()
+        self.device = c.device
+        if log_decay is None:
+            self.reach, self.observe = b, c
+            self.reach_decay = self.observe_decay = None
+            return
+        cum = torch.cumsum(log_decay, dim=-2)  # G: [M, L, N']
+        time = torch.arange(length)
+        split = splits.to(torch.long)
+        # Each input's segment end s_k - 1, each output's segment start s_k - 1.
+        seg_of_input = torch.searchsorted(split, time, right=True).clamp(max=self.count - 1)
+        seg_of_output = (torch.searchsorted(split, time, right=True) - 1).clamp(min=0)
+        end = (split[seg_of_input] - 1).to(c.device)
+        start = (split[seg_of_output] - 1).to(c.device)
+        self.reach = b * _masked_exp(cum[:, end] - cum, time.to(c.device) < split[-1].to(c.device))
+        self.observe = c * _masked_exp(cum - cum[:, start], time.to(c.device) >= split[0].to(c.device))
+        anchors = (split - 1).to(c.device)
+        previous = torch.cat([anchors[:1], anchors[:-1]])
+        following = torch.cat([anchors[1:], anchors[-1:]])
+        self.reach_decay = torch.exp(cum[:, anchors] - cum[:, previous])  # [M, S, N']
+        self.observe_decay = torch.exp(cum[:, following] - cum[:, anchors])
+
+    # -- square roots (no autograd) --
+    def roots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U_k`` and ``V_k`` with ``P = U^H U`` and ``Q = V^H V`` at every split: ``[M, S, N', N']``."""
+        with torch.no_grad():
+            reach = self.reach.detach().conj()
+            observe = self.observe.detach()
+            reach_decay = None if self.reach_decay is None else self.reach_decay.detach().conj()
+            observe_decay = None if self.observe_decay is None else self.observe_decay.detach()
+        sweeps = (
+            lambda: self._sweep(reach, reach_decay, forward=True),
+            lambda: self._sweep(observe, observe_decay, forward=False),
+        )
+        roots_p, roots_q = parallel_map(lambda sweep: sweep(), sweeps, self.device)
+        return roots_p, roots_q
+
+    def _sweep(
+        self, rows: torch.Tensor, decay: torch.Tensor | None, *, forward: bool
+    ) -> torch.Tensor:
+        batch, _, n = rows.shape
+        out = rows.new_empty(batch, self.count, n, n)
+        root = rows.new_zeros(batch, n, n)
+        order = range(self.count) if forward else range(self.count - 1, -1, -1)
+        for k in order:
+            lo, hi = (self.bounds[k], self.bounds[k + 1]) if forward else (
+                self.bounds[k + 1], self.bounds[k + 2])
+            carried = root if decay is None else root * decay[:, k, None, :]
+            stacked = torch.cat([carried, rows[:, lo:hi]], dim=1)
+            root = torch.linalg.qr(stacked, mode="r")[1]
+            out[:, k] = root
+        return out
+
+    # -- Gramians (differentiable) --
+    def gramians(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P_k = R R^H`` and ``Q_k = O^H O`` at every split, through autograd: ``[M, S, N', N']``."""
+        gram_p, gram_q = [], []
+        batch, _, n = self.reach.shape
+        gram = self.reach.new_zeros(batch, n, n)
+        for k in range(self.count):
+            seg = self.reach[:, self.bounds[k]:self.bounds[k + 1]]
+            if self.reach_decay is not None:
+                a = self.reach_decay[:, k]
+                gram = gram * (a[:, :, None] * a.conj()[:, None, :])
+            gram = gram + seg.mT @ seg.conj()
+            gram_p.append(gram)
+        gram = self.observe.new_zeros(batch, n, n)
+        for k in range(self.count - 1, -1, -1):
+            seg = self.observe[:, self.bounds[k + 1]:self.bounds[k + 2]]
+            if self.observe_decay is not None:
+                a = self.observe_decay[:, k]
+                gram = gram * (a.conj()[:, :, None] * a[:, None, :])
+            gram = gram + seg.mH @ seg
+            gram_q.append(gram)
+        return torch.stack(gram_p, dim=1), torch.stack(gram_q[::-1], dim=1)
+
+    def singular_values(self, needs_grad: bool) -> torch.Tensor:
+        """``[M, S, N']`` singular values at the requested splits (sorted order)."""
+        roots_p, roots_q = self.roots()
+        if needs_grad:
+            gram_p, gram_q = self.gramians()
+            return _HankelSingularValues.apply(gram_p, gram_q, roots_p, roots_q)
+        chunks = [slice(k, k + _SVD_CHUNK) for k in range(0, self.count, _SVD_CHUNK)]
+        pieces = parallel_map(
+            lambda part: _singular_values(roots_p[:, part], roots_q[:, part]), chunks, self.device
+        )
+        return torch.cat(pieces, dim=1)
 
 
 def _masked_exp(exponent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``exp(exponent)`` where ``keep`` (broadcast over ``[M, L, N']`` by time), else 0."""
+    keep = keep[None, :, None]
     zero = torch.zeros((), dtype=exponent.dtype, device=exponent.device)
     return torch.where(keep, torch.exp(torch.where(keep, exponent, zero)), zero)
-
-
-# -- sequential mode: two sweeps of QR updates -------------------------------------------------------
-def _sequential(
-    c: torch.Tensor,
-    b: torch.Tensor,
-    log_decay: torch.Tensor | None,
-    splits: torch.Tensor,
-    needs_grad: bool,
-) -> torch.Tensor:
-    """Forward sweep for ``U_i`` (and ``P_i``), backward sweep for ``V_i`` (and ``Q_i``)."""
-    length = c.shape[-2]
-    decay = None if log_decay is None else torch.exp(log_decay)  # [M, L, N'] or [M, L, 1]
-    wanted = splits.tolist()
-    first, last = wanted[0], wanted[-1]
-    sweeps = (
-        lambda: _forward_roots(b.detach(), _detach(decay), wanted, last),
-        lambda: _backward_roots(c.detach(), _detach(decay), wanted, first, length),
-    )
-    roots_p, roots_q = parallel_map(lambda sweep: sweep(), sweeps, c.device)
-    if not needs_grad:
-        chunks = [slice(k, k + _SVD_CHUNK) for k in range(0, len(wanted), _SVD_CHUNK)]
-        pieces = parallel_map(
-            lambda part: _singular_values(roots_p[:, part], roots_q[:, part]), chunks, c.device
-        )
-        return torch.cat(pieces, dim=1)
-    gram_p = _forward_gramians(b, decay, wanted, last)
-    gram_q = _backward_gramians(c, decay, wanted, first, length)
-    return _HankelSingularValues.apply(gram_p, gram_q, roots_p, roots_q)
-
-
-def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
-
-
-def _step_decay(decay: torch.Tensor | None, t: int) -> torch.Tensor | None:
-    return None if decay is None else decay[:, t]
-
-
-def _collect(states: list[torch.Tensor], wanted: list[int], times: dict[int, int]) -> torch.Tensor:
-    return torch.stack([states[times[i]] for i in wanted], dim=1)
-
-
-def _forward_roots(
-    b: torch.Tensor, decay: torch.Tensor | None, wanted: list[int], last: int
-) -> torch.Tensor:
-    """``U_i`` (``P_i = U_i^H U_i``) for the wanted splits: ``[M, S, N, N]``."""
-    batch, _, n = b.shape
-    slots = _slots(wanted)
-    out = b.new_empty(batch, len(wanted), n, n)
-    stacked = b.new_zeros(batch, n + 1, n)  # rows: U * conj(a), then conj(b_t)
-    for t in range(last):
-        a = _step_decay(decay, t)
-        if a is not None:
-            stacked[:, :n] *= a.conj()[:, None, :]
-        stacked[:, n] = b[:, t].conj()
-        stacked[:, :n] = torch.linalg.qr(stacked, mode="r")[1]
-        for k in slots.get(t + 1, ()):
-            out[:, k] = stacked[:, :n]
-    return out
-
-
-def _backward_roots(
-    c: torch.Tensor, decay: torch.Tensor | None, wanted: list[int], first: int, length: int
-) -> torch.Tensor:
-    """``V_i`` (``Q_i = V_i^H V_i``) for the wanted splits: ``[M, S, N, N]``."""
-    batch, _, n = c.shape
-    slots = _slots(wanted)
-    out = c.new_empty(batch, len(wanted), n, n)
-    stacked = c.new_zeros(batch, n + 1, n)  # rows: c_t^T, then V_{t+1}
-    for t in range(length - 1, first - 1, -1):
-        stacked[:, 0] = c[:, t]
-        a = _step_decay(decay, t)
-        if a is not None:
-            stacked *= a[:, None, :]
-        stacked[:, 1:] = torch.linalg.qr(stacked, mode="r")[1]
-        for k in slots.get(t, ()):
-            out[:, k] = stacked[:, 1:]
-    return out
-
-
-def _slots(wanted: list[int]) -> dict[int, list[int]]:
-    """Split index -> positions in ``wanted`` (repeated splits fill several positions)."""
-    slots: dict[int, list[int]] = {}
-    for k, i in enumerate(wanted):
-        slots.setdefault(i, []).append(k)
-    return slots
-
-
-def _forward_gramians(
-    b: torch.Tensor, decay: torch.Tensor | None, wanted: list[int], last: int
-) -> torch.Tensor:
-    """Differentiable ``P_{i+1} = A_i P_i A_i^H + b_i b_i^H`` for the wanted splits."""
-    batch, _, n = b.shape
-    gram = torch.zeros(batch, n, n, dtype=b.dtype, device=b.device)
-    states, times = [], {}
-    want = set(wanted)
-    for t in range(last):
-        a = _step_decay(decay, t)
-        if a is not None:
-            gram = gram * (a[:, :, None] * a.conj()[:, None, :])
-        gram = gram + b[:, t, :, None] * b[:, t, None, :].conj()
-        if t + 1 in want:
-            times[t + 1] = len(states)
-            states.append(gram)
-    return _collect(states, wanted, times)
-
-
-def _backward_gramians(
-    c: torch.Tensor, decay: torch.Tensor | None, wanted: list[int], first: int, length: int
-) -> torch.Tensor:
-    """Differentiable ``Q_i = A_i^H (conj(c_i) c_i^T + Q_{i+1}) A_i`` for the wanted splits."""
-    batch, _, n = c.shape
-    gram = torch.zeros(batch, n, n, dtype=c.dtype, device=c.device)
-    states, times = [], {}
-    want = set(wanted)
-    for t in range(length - 1, first - 1, -1):
-        gram = gram + c[:, t, :, None].conj() * c[:, t, None, :]
-        a = _step_decay(decay, t)
-        if a is not None:
-            gram = gram * (a.conj()[:, :, None] * a[:, None, :])
-        if t in want:
-            times[t] = len(states)
-            states.append(gram)
-    return _collect(states, wanted, times)
 
 
 # -- the small SVD and its derivative ---------------------------------------------------------------
@@ -269,7 +217,7 @@ class _HankelSingularValues(torch.autograd.Function):
     """``sigma(V U^H)`` whose gradient is routed to the Gramians ``P = U^H U`` and ``Q = V^H V``."""
 
     @staticmethod
-    def forward(ctx, gram_p, gram_q, root_p, root_q):  # noqa: D102
+    def forward(ctx, gram_p, gram_q, root_p, root_q):
         left, values, right_h = torch.linalg.svd(root_q @ root_p.mH, full_matrices=False)
         keep = values > _resolution(values, root_p.shape[-1])
         values = torch.where(keep, values, 0)
@@ -277,7 +225,7 @@ class _HankelSingularValues(torch.autograd.Function):
         return values
 
     @staticmethod
-    def backward(ctx, grad_values):  # noqa: D102
+    def backward(ctx, grad_values):
         w, z, values, keep = ctx.saved_tensors
         tiny = torch.finfo(values.dtype).tiny
         weight = torch.where(keep, grad_values / (2 * values.clamp_min(tiny)), 0)

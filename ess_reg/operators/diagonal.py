@@ -159,9 +159,7 @@ def materialize(c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None
     if log_decay.shape[-1] == 1:
         out = (c @ b.mT) * masked_decay(cum[..., :, 0], causal)
         return out.real if out.is_complex() else out
-    out = torch.zeros(
-        c.shape[:-1] + (length,), dtype=c.real.dtype, device=c.device
-    )
+    out = torch.zeros(*c.shape[:-1], length, dtype=c.real.dtype, device=c.device)
     for n in range(c.shape[-1]):
         term = c[..., :, None, n] * b[..., None, :, n] * masked_decay(cum[..., n], causal)
         out = out + (term.real if term.is_complex() else term)
@@ -218,7 +216,7 @@ def _validate(c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None) 
     if log_decay.shape[:-1] != c.shape[:-1] or log_decay.shape[-1] not in (1, n):
         raise ValueError(
             f"log_decay must have shape [..., C, L, N] = {tuple(c.shape)} (diagonal decay) or "
-            f"{tuple(c.shape[:-1]) + (1,)} (scalar decay), got {tuple(log_decay.shape)}"
+            f"{(*c.shape[:-1], 1)} (scalar decay), got {tuple(log_decay.shape)}"
         )
     require_finite(log_decay, "log_decay")
     growth = log_decay.detach().real.max()

@@ -81,7 +81,7 @@ def test_singular_values_match_reference(name, factors, method):
             assert (got[channel, k, width:] == 0).all()
 
 
-@pytest.mark.parametrize("splits", [5, [3, 1, 17, 3], torch.tensor([12, 2])])
+@pytest.mark.parametrize("splits", [5, [3, 1, 17, 3], torch.tensor([12, 2]), np.array([4, 9])])
 @pytest.mark.parametrize("method", ["dense", "gramian"])
 def test_sampled_splits(splits, method):
     factors = random_realization(2, 21, 3, seed=2)

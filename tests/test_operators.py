@@ -82,3 +82,10 @@ def test_low_precision_factors_materialize():
     assert dense.dtype == torch.float16
     torch.testing.assert_close(dense.double(), DiagonalRealization(
         c.half().double(), b.half().double(), ld.half().double()).dense(), atol=1e-2, rtol=1e-2)
+
+
+def test_input_independent_decay_is_shared_across_the_batch():
+    c, b, ld = random_realization(3, 8, 2, batch=2)
+    shared = DiagonalRealization(c, b, ld[0])
+    assert shared.log_decay.shape == c.shape
+    torch.testing.assert_close(shared.dense()[1], DiagonalRealization(c[1], b[1], ld[0]).dense())

@@ -27,6 +27,8 @@ def resolve_splits(splits: Splits, seq_len: int, device: torch.device | None = N
         count = min(splits, last)
         cells = (torch.arange(count, dtype=torch.float64) + 0.5) * (last / count)
         return (1 + cells.floor().long()).clamp(1, last).to(device)
+    if not isinstance(splits, torch.Tensor | Sequence) and hasattr(splits, "__array__"):
+        splits = torch.as_tensor(splits)  # numpy arrays
     if isinstance(splits, torch.Tensor):
         if splits.is_floating_point() or splits.is_complex() or splits.dtype == torch.bool:
             raise TypeError(f"splits must hold integer split indices, got dtype {splits.dtype}")

@@ -41,7 +41,8 @@ class DiagonalRealization(Operator):
         b: input factors ``[..., C, L, N]``, same shape as ``c``.
         log_decay: per-step log decay ``[..., C, L, N]`` (diagonal), ``[..., C, L, 1]`` (one scalar
             decay per channel or head, Mamba-2 style) or ``None`` (no decay: linear attention). Its
-            real part must be ``<= 0`` (a stable state), up to ``MAX_LOG_DECAY``.
+            real part must be ``<= 0`` (a stable state), up to ``MAX_LOG_DECAY``. An
+            input-independent decay ``[C, L, N]`` is shared across the batch of a 4-dim ``c``.
         validate: check shapes, finiteness and stability (one host sync per tensor).
     """
 
@@ -57,6 +58,8 @@ class DiagonalRealization(Operator):
         require_tensor(b, "b")
         if log_decay is not None:
             require_tensor(log_decay, "log_decay")
+        if log_decay is not None and log_decay.dim() == c.dim() - 1 == 3:
+            log_decay = log_decay.expand(c.shape[0], *log_decay.shape)  # shared across the batch
         if validate:
             _validate(c, b, log_decay)
         self._c, self._b, self._log_decay = c, b, log_decay

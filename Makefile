@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ess-reg showcase
+	$(BIN)/ess-reg train --out runs/demo
+	$(BIN)/ess-reg analyze runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

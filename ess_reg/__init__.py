@@ -1,5 +1,6 @@
 """ess-reg: measure and shape the effective state-size (ESS) of sequence models."""
 
+from ess_reg.capture import capture_operators, register_extractor
 from ess_reg.functional import (
     average_ess,
     ess_curve,
@@ -17,7 +18,9 @@ __all__ = [
     "DiagonalRealization",
     "Operator",
     "average_ess",
+    "capture_operators",
     "ess_curve",
+    "register_extractor",
     "split_singular_values",
     "theoretical_state_size",
     "total_ess",

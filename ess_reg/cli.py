@@ -1,10 +1,12 @@
-"""The ``ess-reg`` console script."""
+"""The ``ess-reg`` console script: ``train``, ``analyze`` and ``showcase``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,40 +17,116 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ess_reg.mixers import MIXERS
+    from ess_reg.tasks import TASKS
+    from ess_reg.training import TrainConfig
+
+    defaults = TrainConfig()
     parser = _Parser(prog="ess-reg", description="Effective state-size of sequence models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    show = commands.add_parser(
-        "showcase", help="ESS of random operators of common mixer families, as a table"
-    )
+
+    train = commands.add_parser("train", help="train a SequenceModel on a synthetic task, logging ESS")
+    train.add_argument("--mixer", default=defaults.mixer,
+                       help=f"mixer name, or a comma-separated list per layer ({', '.join(MIXERS)})")
+    train.add_argument("--task", default=defaults.task, choices=sorted(TASKS))
+    train.add_argument("--seq-len", type=_positive, default=defaults.seq_len)
+    train.add_argument("--kv-pairs", type=_positive, default=defaults.kv_pairs, help="MQAR key-value pairs")
+    train.add_argument("--copy-tokens", type=_positive, default=defaults.copy_tokens,
+                       help="selective copying: tokens to copy")
+    train.add_argument("--vocab-size", type=_positive, default=defaults.vocab_size)
+    train.add_argument("--d-model", type=_positive, default=defaults.d_model)
+    train.add_argument("--layers", type=_positive, default=defaults.layers)
+    train.add_argument("--steps", type=_positive, default=defaults.steps)
+    train.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
+    train.add_argument("--lr", type=_positive_float, default=defaults.lr)
+    train.add_argument("--log-every", type=_positive, default=defaults.log_every,
+                       help="evaluate accuracy and ESS every N steps")
+    train.add_argument("--train-examples", type=_positive, default=defaults.train_examples)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--device", default=defaults.device)
+    train.add_argument("--out", default=defaults.out, help="run folder")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    analyze = commands.add_parser("analyze", help="per-layer ESS table of a trained run")
+    analyze.add_argument("run", help="run folder or checkpoint.pt written by 'ess-reg train'")
+    analyze.add_argument("--examples", type=_positive, default=32, help="fresh task inputs to analyse")
+    analyze.add_argument("--splits", type=_positive, default=None, help="evenly spaced splits (default all)")
+    analyze.add_argument("--seed", type=int, default=12345, help="seed of the fresh inputs")
+    analyze.add_argument("--device", default="cpu")
+    analyze.add_argument("--out", default=None, help="where to save the curve plot (default: the run)")
+
+    show = commands.add_parser("showcase", help="ESS of random operators of common mixer families")
     show.add_argument("--seq-len", type=_positive, default=256, help="sequence length L")
     show.add_argument("--state", type=_positive, default=16, help="state size N per channel")
     show.add_argument("--channels", type=_positive, default=8, help="channels per operator")
-    show.add_argument("--splits", type=_positive, default=None,
-                      help="number of evenly spaced splits (default: all)")
+    show.add_argument("--splits", type=_positive, default=None, help="evenly spaced splits (default all)")
     show.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ess_reg.training import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    last = train(config, progress=not args.no_progress)
+    ess = ", ".join(f"{k} {v:.2f}" for k, v in last["ess"].items())
+    print(f"done: step {last['step']}, test accuracy {last['test_accuracy']:.3f}, ESS {ess}")
+    print(f"run folder: {Path(config.out).resolve()}")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from ess_reg.analysis import format_reports, layer_report
+    from ess_reg.training import load_run, make_task, save_curve_plot
+
+    model, config = load_run(args.run, args.device)
+    task = make_task(config, args.examples, seed=args.seed)
+    reports = layer_report(model, task.inputs.to(args.device), config, splits=args.splits)
+    print(f"{config.mixer} on {config.task} (L={config.seq_len}), {args.examples} fresh examples")
+    print(format_reports(reports))
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
+    path = save_curve_plot(reports, out / "analyze_ess_curves.png", config.seq_len,
+                           f"ESS on fresh inputs ({config.mixer}, {config.task})")
+    print(f"curve plot: {path}")
+
+
+def _showcase(args: argparse.Namespace) -> None:
+    from ess_reg.showcase import format_table, run_showcase
+
+    if args.seq_len < 2:
+        raise ValueError("--seq-len must be at least 2")
+    rows = run_showcase(args.seq_len, args.state, args.channels, args.seed, args.splits)
+    print(f"ESS of random operators, L={args.seq_len}, N={args.state}, "
+          f"{args.channels} channels (averages over splits and channels)")
+    print(format_table(rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "showcase":
-            from ess_reg.showcase import format_table, run_showcase
-
-            if args.seq_len < 2:
-                raise ValueError("--seq-len must be at least 2")
-            rows = run_showcase(args.seq_len, args.state, args.channels, args.seed, args.splits)
-            print(f"ESS of random operators, L={args.seq_len}, N={args.state}, "
-                  f"{args.channels} channels (averages over splits and channels)")
-            print(format_table(rows))
-    except (ValueError, TypeError) as error:
+        {"train": _train, "analyze": _analyze, "showcase": _showcase}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"ess-reg: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,6 @@ from ess_reg.operators._checks import (
     require_rank,
     require_seq_len,
     require_tensor,
-    working_dtype,
 )
 from ess_reg.operators.base import Operator
 
@@ -133,11 +132,12 @@ class DiagonalRealization(Operator):
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Materialize ``T`` as ``[..., C, L, L]`` (real), masking the future before ``exp``.
 
-        Computed in at least float32 and cast to ``dtype`` (default: :attr:`dtype`).
-        Memory is ``O(L^2)`` per channel; the loop runs over state modes, not over time.
+        Computed in float64 (the cumulative decays lose precision in float32 over long sequences)
+        and cast to ``dtype`` (default: :attr:`dtype`). Memory is ``O(L^2)`` per channel; the loop
+        runs over state modes, not over time.
         """
         out_dtype = self.dtype if dtype is None else dtype
-        compute = working_dtype(out_dtype)
+        compute = torch.float64
         c, b, log_decay = self.factors(compute)
         return materialize(c, b, log_decay).to(out_dtype)
 

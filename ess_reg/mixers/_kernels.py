@@ -1,0 +1,114 @@
+"""Efficient kernels shared by the mixers (private): chunked diagonal scan, convolutions, norms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Element budget of one chunk's decay tensor ``[B, C, K, K, N]`` in the chunked scan.
+_CHUNK_BUDGET = 1 << 22
+
+
+def diagonal_scan(
+    c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None, u: torch.Tensor
+) -> torch.Tensor:
+    """``y_i = Re(c_i^T h_i)``, ``h_i = diag(exp(log_decay_i)) h_{i-1} + b_i u_i^T`` (state ``N x P``).
+
+    Chunked: exact quadratic form inside chunks of ``K`` steps, state carried across chunks, all
+    decays as ``exp`` of non-positive cumulative sums (never overflowing). Shapes: ``c``, ``b``
+    ``[B, C, L, N]``; ``log_decay`` ``[B, C, L, N]``, ``[B, C, L, 1]`` or None; ``u`` ``[B, C, L, P]``.
+    Returns ``[B, C, L, P]`` (real).
+    """
+    batch, channels, length, n = c.shape
+    work = c.dtype
+    u = u.to(work)
+    state = u.new_zeros(batch, channels, n, u.shape[-1])
+    diagonal = log_decay is not None and log_decay.shape[-1] > 1
+    per_step = batch * channels * (n if diagonal else 1)
+    chunk = max(1, min(64, int((_CHUNK_BUDGET / max(1, per_step)) ** 0.5)))
+    outputs = []
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        cc, bb, uu = c[:, :, start:stop], b[:, :, start:stop], u[:, :, start:stop]
+        causal = torch.ones(stop - start, stop - start, dtype=torch.bool, device=c.device).tril()
+        if log_decay is None:
+            scores = (cc @ bb.mT).masked_fill(~causal, 0)
+            y = scores @ uu + cc @ state
+            state = state + bb.mT @ uu
+        else:
+            lam = torch.cumsum(log_decay[:, :, start:stop], dim=-2)  # [B, C, K, N or 1]
+            if diagonal:
+                decay = _masked_exp(lam[:, :, :, None, :] - lam[:, :, None, :, :], causal[..., None])
+                scores = torch.einsum("bcin,bcjn,bcijn->bcij", cc, bb, decay)
+            else:
+                decay = _masked_exp(lam[:, :, :, None, 0] - lam[:, :, None, :, 0], causal)
+                scores = (cc @ bb.mT) * decay
+            y = scores @ uu + (cc * torch.exp(lam)) @ state
+            last = lam[:, :, -1:]
+            state = torch.exp(last).mT * state + (bb * torch.exp(last - lam)).mT @ uu
+        outputs.append(y)
+    y = torch.cat(outputs, dim=-2)
+    return y.real if y.is_complex() else y
+
+
+def _masked_exp(exponent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros((), dtype=exponent.dtype, device=exponent.device)
+    return torch.where(keep, torch.exp(torch.where(keep, exponent, zero)), zero)
+
+
+def fft_causal_conv(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Causal (linear, not circular) convolution along the last dim: ``y_i = sum_k kernel_k u_{i-k}``.
+
+    ``u``: ``[..., L]``, ``kernel``: broadcastable ``[..., L]``; FFT of size ``2L`` in float64 (the
+    FFT's rounding grows with ``L``), result in ``u``'s dtype.
+    """
+    length = u.shape[-1]
+    size = 2 * length
+    spectrum = torch.fft.rfft(u.double(), n=size) * torch.fft.rfft(kernel.double(), n=size)
+    return torch.fft.irfft(spectrum, n=size)[..., :length].to(u.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time, ``[B, L, D] -> [B, L, D]`` (kernel ``k``)."""
+
+    def __init__(self, channels: int, kernel_size: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels,
+                              padding=kernel_size - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learned scale (per-head output norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, L, H * d] -> [B, H, L, d]``."""
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, d] -> [B, L, H * d]``."""
+    batch, heads, length, width = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * width)
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    """``log(exp(x) - 1)``, stable: ``x + log(-expm1(-x))``."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)

@@ -1,0 +1,111 @@
+"""The common contract of ess-reg's reference mixers."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ess_reg.operators import Operator
+
+
+@dataclass
+class MixerTrace:
+    """What a mixer computed for one input.
+
+    Attributes:
+        operator: the exact causal operator(s), leading dims ``[B, C]``.
+        u: ``[B, C, L, P]``, the sequence the operator acts on (values, or the channel input).
+        y: ``[B, C, L, P]``, the mixer's inner output, taken from its normal forward path, so that
+            ``operator.dense() @ u == y``.
+    """
+
+    operator: Operator
+    u: torch.Tensor
+    y: torch.Tensor
+
+
+class SequenceMixer(nn.Module, ABC):
+    """A token mixer ``[B, L, D] -> [B, L, D]`` whose core is a causal operator ``y = T u``.
+
+    Subclasses split their forward into ``featurize`` (projections, gates, ``u``), ``mix`` (the
+    efficient recurrent / chunked / FFT computation of the inner output) and ``readout`` (norms,
+    gates, output projection), and say how to build the operator from the features. The forward
+    never multiplies by a materialized ``T``.
+    """
+
+    #: Registry name (``MIXERS[name]``).
+    name: ClassVar[str] = ""
+    #: Whether :meth:`transition` is defined (a per-step state transition exists).
+    has_transition: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._capture_next = False
+        self.captured_operator: Operator | None = None
+
+    # -- to implement ----------------------------------------------------------------------------
+    @abstractmethod
+    def featurize(self, x: torch.Tensor) -> dict[str, Any]:
+        """Everything the mix and the operator need; must contain ``"u"``: ``[B, C, L, P]``."""
+
+    @abstractmethod
+    def mix(self, features: dict[str, Any]) -> torch.Tensor:
+        """The inner output ``y: [B, C, L, P]`` by the mixer's own efficient computation."""
+
+    @abstractmethod
+    def build_operator(self, features: dict[str, Any]) -> Operator:
+        """The operator ``T`` with leading dims ``[B, C]``."""
+
+    @abstractmethod
+    def readout(self, features: dict[str, Any], y: torch.Tensor) -> torch.Tensor:
+        """Map the inner output back to ``[B, L, D]``."""
+
+    @property
+    @abstractmethod
+    def state_size(self) -> int | None:
+        """Theoretical state size per channel (or head); ``None`` when there is no finite state."""
+
+    def transition_from_features(self, features: dict[str, Any]) -> torch.Tensor:
+        """Diagonal of the per-step transition ``A_t``: ``[B, C, L, N]`` (or ``[B, C, L, 1]``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no state transition")
+
+    # -- public API ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self)
+        features = self.featurize(x)
+        y = self.mix(features)
+        if self._capture_next:
+            self._capture_next = False
+            self.captured_operator = self.build_operator(features)
+        return self.readout(features, y)
+
+    def trace(self, x: torch.Tensor) -> MixerTrace:
+        """The operator, its input ``u`` and the inner output ``y`` for ``x: [B, L, D]``."""
+        _check_input(x, self)
+        features = self.featurize(x)
+        return MixerTrace(self.build_operator(features), features["u"], self.mix(features))
+
+    def transition(self, x: torch.Tensor) -> torch.Tensor:
+        """Diagonal of the state transition ``A_t`` at every step: ``[B, C, L, N]``.
+
+        For the paper's ``||A - I||_F`` penalty. Raises ``NotImplementedError`` for mixers without a
+        state (softmax attention, long convolutions).
+        """
+        _check_input(x, self)
+        return self.transition_from_features(self.featurize(x))
+
+    def request_capture(self) -> None:
+        """Make the next forward keep its operator in :attr:`captured_operator`."""
+        self._capture_next = True
+        self.captured_operator = None
+
+
+def _check_input(x: torch.Tensor, mixer: nn.Module) -> None:
+    d_model = getattr(mixer, "d_model", None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or (d_model and x.shape[-1] != d_model):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{type(mixer).__name__} expects x of shape [B, L, {d_model}], got {shape}")

@@ -1,0 +1,86 @@
+"""``"la"``: multi-head linear attention with a selectable feature map."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ess_reg.mixers._kernels import HeadRMSNorm, ShortConv, diagonal_scan, merge_heads, split_heads
+from ess_reg.mixers.base import SequenceMixer
+from ess_reg.mixers.feature_maps import make_feature_map
+from ess_reg.operators import DiagonalRealization
+
+
+class LinearAttention(SequenceMixer):
+    """``S_i = S_{i-1} + phi(k_i) v_i^T``, ``y_i = S_i^T phi(q_i) s`` (``A = I``), per head.
+
+    ``T_h[i, j] = s phi(q_i) . phi(k_j)`` with ``s = F^{-1/2}``, or, with ``normalize=True``,
+    ``phi(q_i) . phi(k_j) / (phi(q_i) . sum_{m<=i} phi(k_m) + eps)``. TSS per head is the feature
+    dimension ``F`` of the map. The output passes a per-head RMSNorm and the output projection.
+
+    Args:
+        feature_map: one of ``identity, elu, relu, squared_relu, performer, taylor, hedgehog``.
+        feature_dim: width of ``q``/``k`` per head before the map (default: the head dim).
+        short_conv: causal depthwise convolution (kernel 4) on ``q``, ``k``, ``v``.
+    """
+
+    name = "la"
+    has_transition = True
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int = 4,
+        feature_map: str = "elu",
+        feature_dim: int | None = None,
+        normalize: bool = False,
+        short_conv: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.d_model, self.num_heads = d_model, num_heads
+        self.head_dim = d_model // num_heads
+        self.feature_dim = feature_dim or self.head_dim
+        self.feature_map = make_feature_map(feature_map, self.feature_dim)
+        if normalize and not self.feature_map.positive:
+            raise ValueError(f"normalize=True needs a positive feature map, not {feature_map!r}")
+        self.normalize, self.eps = normalize, eps
+        key_width = num_heads * self.feature_dim
+        self.q = nn.Linear(d_model, key_width, bias=False)
+        self.k = nn.Linear(d_model, key_width, bias=False)
+        self.v = nn.Linear(d_model, d_model, bias=False)
+        self.conv = ShortConv(2 * key_width + d_model) if short_conv else None
+        self.norm = HeadRMSNorm(self.head_dim)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    @property
+    def state_size(self) -> int:
+        return self.feature_map.out_dim
+
+    def featurize(self, x):
+        qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        if self.conv is not None:
+            qkv = self.conv(qkv)
+        width = self.num_heads * self.feature_dim
+        q, k, v = qkv.split([width, width, self.d_model], dim=-1)
+        phi_q = self.feature_map(split_heads(q, self.num_heads), is_query=True)
+        phi_k = self.feature_map(split_heads(k, self.num_heads), is_query=False)
+        if self.normalize:
+            c = phi_q / ((phi_q * phi_k.cumsum(dim=-2)).sum(-1, keepdim=True) + self.eps)
+        else:
+            c = phi_q * phi_q.shape[-1] ** -0.5
+        return {"c": c, "b": phi_k, "u": split_heads(v, self.num_heads)}
+
+    def mix(self, f):
+        return diagonal_scan(f["c"], f["b"], None, f["u"])
+
+    def build_operator(self, f):
+        return DiagonalRealization(f["c"], f["b"], validate=False)
+
+    def transition_from_features(self, f):
+        return torch.ones_like(f["b"])
+
+    def readout(self, f, y):
+        return self.out(merge_heads(self.norm(y)))

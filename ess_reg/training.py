@@ -1,0 +1,192 @@
+"""The main job: train a ``SequenceModel`` on a synthetic task while logging ESS."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ess_reg.analysis import layer_report
+from ess_reg.models import AutoEncoderModel, SequenceModel
+from ess_reg.plots import plot_ess_curves, plot_training
+from ess_reg.tasks import TASKS, SyntheticTask, accuracy, loss_fn
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.json``. Defaults: MQAR, ``L = 64``, 4 kv pairs,
+    a 2-layer GLA with ``d_model = 64``."""
+
+    mixer: str = "gla"
+    task: str = "mqar"
+    seq_len: int = 64
+    kv_pairs: int = 4
+    vocab_size: int = 256
+    copy_tokens: int = 16
+    d_model: int = 64
+    layers: int = 2
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    train_examples: int = 20_000
+    test_examples: int = 512
+    log_every: int = 100
+    ess_examples: int = 16
+    ess_splits: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/default"
+    mixer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def mixers(self) -> str | list[str]:
+        names = [m.strip() for m in self.mixer.split(",") if m.strip()]
+        return names[0] if len(names) == 1 else names
+
+
+def make_task(config: TrainConfig, num_examples: int, seed: int) -> SyntheticTask:
+    """The configured task with ``num_examples`` examples drawn with ``seed``."""
+    if config.task == "mqar":
+        return TASKS["mqar"](num_examples, config.seq_len, config.kv_pairs, config.vocab_size,
+                             seed=seed)
+    if config.task == "selective_copying":
+        return TASKS["selective_copying"](num_examples, config.seq_len, config.copy_tokens,
+                                          config.vocab_size, seed=seed)
+    if config.task == "compression":
+        return TASKS["compression"](num_examples, config.seq_len, config.vocab_size, seed=seed)
+    raise ValueError(f"task must be one of {sorted(TASKS)}, got {config.task!r}")
+
+
+def make_model(config: TrainConfig) -> torch.nn.Module:
+    kwargs = dict(config.mixer_kwargs)
+    if config.task == "compression":
+        return AutoEncoderModel(config.mixers(), config.d_model, config.layers, config.vocab_size,
+                                max_len=config.seq_len, **kwargs)
+    return SequenceModel(config.mixers(), config.d_model, config.layers, config.vocab_size, **kwargs)
+
+
+def load_run(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """Load a run folder (or its ``checkpoint.pt``): the trained model and its config."""
+    path = Path(path)
+    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
+    if not checkpoint.exists():
+        raise ValueError(f"no checkpoint at {checkpoint}; pass a run folder written by 'ess-reg train'")
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    config = TrainConfig(**state["train_config"])
+    model = make_model(config)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train, log ESS every ``log_every`` steps, write the run folder; returns the last record."""
+    _validate(config)
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    train_set = make_task(config, config.train_examples, seed=config.seed)
+    test_set = make_task(config, config.test_examples, seed=config.seed + 1_000_003)
+    model = make_model(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config))
+    generator = torch.Generator().manual_seed(config.seed)
+    records: list[dict[str, Any]] = []
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    start = time.perf_counter()
+    bar = tqdm(range(1, config.steps + 1), disable=not progress, desc=f"{config.mixer} on {config.task}")
+    last_ess = float("nan")
+    for step in bar:
+        model.train()
+        index = torch.randint(len(train_set), (config.batch_size,), generator=generator)
+        inputs, targets = train_set.inputs[index].to(device), train_set.targets[index].to(device)
+        logits = model(inputs)
+        loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % config.log_every == 0 or step == config.steps:
+            record = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+                      "train_accuracy": float(accuracy(logits.detach(), targets)),
+                      **_evaluate(model, test_set, config, device),
+                      "elapsed_s": round(time.perf_counter() - start, 2)}
+            records.append(record)
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            last_ess = sum(record["ess"].values()) / max(1, len(record["ess"]))
+        bar.set_postfix(loss=f"{loss.item():.3f}",
+                        acc=f"{records[-1]['test_accuracy']:.2f}" if records else "-",
+                        ess=f"{last_ess:.2f}")
+    torch.save({"model": model.state_dict(), "train_config": dataclasses.asdict(config)},
+               out / "checkpoint.pt")
+    plot_training(records, out / "training.png")
+    report = layer_report(model, test_set.inputs[: config.ess_examples].to(device), config)
+    save_curve_plot(report, out / "ess_curves.png", config.seq_len,
+                    f"ESS after training ({config.mixer}, {config.task})")
+    return records[-1]
+
+
+def save_curve_plot(report, path: Path, seq_len: int, title: str) -> Path:
+    """ESS curve per layer, with the common state size drawn when the layers share one."""
+    sizes = {r.tss for r in report}
+    return plot_ess_curves({r.label: (r.splits, r.curve) for r in report}, path, seq_len=seq_len,
+                           state_size=sizes.pop() if len(sizes) == 1 else None, title=title)
+
+
+def _evaluate(model, test_set, config, device) -> dict[str, Any]:
+    model.eval()
+    with torch.no_grad():
+        correct, total = 0.0, 0
+        for start in range(0, len(test_set), 256):
+            inputs = test_set.inputs[start:start + 256].to(device)
+            targets = test_set.targets[start:start + 256].to(device)
+            batch_acc = accuracy(model(inputs), targets)
+            correct += float(batch_acc) * inputs.shape[0]
+            total += inputs.shape[0]
+    report = layer_report(model, test_set.inputs[: config.ess_examples].to(device), config,
+                          splits=config.ess_splits)
+    return {"test_accuracy": correct / total, "ess": {r.label: r.entropy_ess for r in report},
+            "ess_tolerance": {r.label: r.tolerance_ess for r in report}}
+
+
+def _cosine(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _validate(config: TrainConfig) -> None:
+    for name in ("seq_len", "d_model", "layers", "steps", "batch_size", "log_every",
+                 "train_examples", "test_examples", "ess_examples", "ess_splits", "vocab_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.lr <= 0:
+        raise ValueError(f"lr must be > 0, got {config.lr}")
+    from ess_reg.mixers import MIXERS
+
+    names = config.mixers()
+    for name in [names] if isinstance(names, str) else names:
+        if name not in MIXERS:
+            raise ValueError(f"unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
+    if config.task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {config.task!r}")
+    if config.device != "cpu" and not config.device.startswith(("cuda", "mps")):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} requested but CUDA is not available")

@@ -10,13 +10,18 @@ from ess_reg.functional import (
     utilization,
 )
 from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
+from ess_reg.optim import ESSOptimizer
+from ess_reg.regularizer import ESSRegularizer, TransitionPenalty
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DenseOperator",
     "DiagonalRealization",
+    "ESSOptimizer",
+    "ESSRegularizer",
     "Operator",
+    "TransitionPenalty",
     "average_ess",
     "capture_operators",
     "ess_curve",

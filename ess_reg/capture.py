@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ess_reg.mixers import SequenceMixer
 from ess_reg.operators import Operator
@@ -81,15 +82,8 @@ def capture_operators(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, 
             f"{', '.join(supported_types())}. Teach it others with ess_reg.register_extractor()"
         )
     operators: dict[str, Operator] = {}
-    handles = []
+    handles = hook_operators(targets, lambda name, module, op, output: operators.__setitem__(name, op))
     try:
-        for name, module in targets.items():
-            entry = _entry_for(module)
-            if entry.prepare is not None:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, a, prepare=entry.prepare: prepare(m)))
-            handles.append(module.register_forward_hook(
-                _store(name, entry.extract, operators), with_kwargs=True))
         model(*args, **kwargs)
     finally:
         for handle in handles:
@@ -97,10 +91,63 @@ def capture_operators(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, 
     return operators
 
 
-def _store(name: str, extract: Extractor, sink: dict[str, Operator]):
-    def hook(module, args, kwargs, output):
-        sink[name] = extract(module, args, kwargs, output)
-    return hook
+def _always() -> bool:
+    return True
+
+
+OperatorCallback = Callable[[str, nn.Module, Operator, Any], Any]
+
+
+def hook_operators(
+    modules: dict[str, nn.Module],
+    callback: OperatorCallback,
+    *,
+    active: Callable[[], bool] = _always,
+) -> list[RemovableHandle]:
+    """Persistent hooks: after each forward of a module, ``callback(name, module, operator, output)``.
+
+    Only forwards that start while ``active()`` is true build an operator. A callback that returns
+    something other than ``None`` replaces the module's output. Returns the hook handles (call
+    ``.remove()`` on each to detach).
+    """
+    handles: list[RemovableHandle] = []
+    for name, module in modules.items():
+        entry = _entry_for(module)
+        if entry is None:
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) is not recognised; supported types: "
+                f"{', '.join(supported_types())}"
+            )
+        pre = _ArmHook(entry, active)
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(_ExtractHook(name, entry, pre, callback),
+                                                    with_kwargs=True))
+    return handles
+
+
+class _ArmHook:
+    """Pre-forward hook: decides whether this forward builds an operator (picklable)."""
+
+    def __init__(self, entry: _Entry, active: Callable[[], bool]) -> None:
+        self.entry, self.active, self.armed = entry, active, False
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.armed = bool(self.active())
+        if self.armed and self.entry.prepare is not None:
+            self.entry.prepare(module)
+
+
+class _ExtractHook:
+    """Forward hook: extracts the operator and hands it to the callback (picklable)."""
+
+    def __init__(self, name: str, entry: _Entry, arm: _ArmHook, callback: OperatorCallback) -> None:
+        self.name, self.entry, self.arm, self.callback = name, entry, arm, callback
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.arm.armed:
+            return None
+        self.arm.armed = False
+        return self.callback(self.name, module, self.entry.extract(module, args, kwargs, output), output)
 
 
 def _entry_for(module: nn.Module) -> _Entry | None:
@@ -111,9 +158,7 @@ def _entry_for(module: nn.Module) -> _Entry | None:
 
 
 def _mixer_operator(module: SequenceMixer, args, kwargs, output) -> Operator:
-    operator = module.captured_operator
-    module.captured_operator = None
-    return operator
+    return module.captured_operator
 
 
 register_extractor(SequenceMixer, _mixer_operator, prepare=SequenceMixer.request_capture)

@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=defaults.device)
     train.add_argument("--out", default=defaults.out, help="run folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--reg-weight", type=float, default=defaults.reg_weight,
+                       help="weight of the regularizer (0: none)")
+    train.add_argument("--reg-target", default=defaults.reg_target,
+                       help="max (reward ESS), min (penalise it) or a target utilization")
+    train.add_argument("--reg-kind", default=defaults.reg_kind,
+                       choices=["entropy", "soft_tolerance", "transition"],
+                       help="ESS regularizer kind, or the paper's ||A - I||_F transition penalty")
+    train.add_argument("--reg-splits", type=_positive, default=defaults.reg_splits,
+                       help="random splits per step for the ESS regularizer")
 
     analyze = commands.add_parser("analyze", help="per-layer ESS table of a trained run")
     analyze.add_argument("run", help="run folder or checkpoint.pt written by 'ess-reg train'")

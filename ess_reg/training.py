@@ -45,6 +45,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/default"
+    reg_weight: float = 0.0
+    reg_target: str = "max"
+    reg_kind: str = "entropy"
+    reg_splits: int = 8
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def mixers(self) -> str | list[str]:
@@ -100,6 +104,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config))
     generator = torch.Generator().manual_seed(config.seed)
+    penalty = make_penalty(model, config)
     records: list[dict[str, Any]] = []
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
@@ -111,14 +116,17 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         index = torch.randint(len(train_set), (config.batch_size,), generator=generator)
         inputs, targets = train_set.inputs[index].to(device), train_set.targets[index].to(device)
         logits = model(inputs)
-        loss = loss_fn(logits, targets)
+        task_loss = loss_fn(logits, targets)
+        reg_loss = penalty() if penalty is not None else None
+        loss = task_loss if reg_loss is None else task_loss + reg_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % config.log_every == 0 or step == config.steps:
-            record = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+            record = {"step": step, "loss": task_loss.item(), "lr": schedule.get_last_lr()[0],
+                      **({} if reg_loss is None else {"reg_loss": reg_loss.item()}),
                       "train_accuracy": float(accuracy(logits.detach(), targets)),
                       **_evaluate(model, test_set, config, device),
                       "elapsed_s": round(time.perf_counter() - start, 2)}
@@ -126,9 +134,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             last_ess = sum(record["ess"].values()) / max(1, len(record["ess"]))
-        bar.set_postfix(loss=f"{loss.item():.3f}",
+        bar.set_postfix(loss=f"{task_loss.item():.3f}",
                         acc=f"{records[-1]['test_accuracy']:.2f}" if records else "-",
                         ess=f"{last_ess:.2f}")
+    if penalty is not None:
+        penalty.remove()
     torch.save({"model": model.state_dict(), "train_config": dataclasses.asdict(config)},
                out / "checkpoint.pt")
     plot_training(records, out / "training.png")
@@ -136,6 +146,29 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     save_curve_plot(report, out / "ess_curves.png", config.seq_len,
                     f"ESS after training ({config.mixer}, {config.task})")
     return records[-1]
+
+
+def make_penalty(model: torch.nn.Module, config: TrainConfig):
+    """The configured regularizer (``None`` when ``reg_weight`` is 0), used as a loss term."""
+    from ess_reg.regularizer import ESSRegularizer, TransitionPenalty
+
+    if config.reg_weight == 0:
+        return None
+    if config.reg_kind == "transition":
+        return TransitionPenalty(model, config.reg_weight)
+    return ESSRegularizer(model, weight=config.reg_weight, kind=config.reg_kind,
+                          target=parse_target(config.reg_target), splits=config.reg_splits,
+                          generator=torch.Generator().manual_seed(config.seed))
+
+
+def parse_target(text: str | float) -> str | float:
+    """``"max"``, ``"min"`` or a number."""
+    if isinstance(text, int | float) or text in ("max", "min"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"reg_target must be 'max', 'min' or a number, got {text!r}") from None
 
 
 def save_curve_plot(report, path: Path, seq_len: int, title: str) -> Path:
@@ -176,6 +209,11 @@ def _validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.reg_kind not in ("entropy", "soft_tolerance", "transition"):
+        raise ValueError(f"reg_kind must be entropy, soft_tolerance or transition, got {config.reg_kind!r}")
+    if not config.reg_weight >= 0:
+        raise ValueError(f"reg_weight must be >= 0, got {config.reg_weight}")
+    parse_target(config.reg_target)
     if config.lr <= 0:
         raise ValueError(f"lr must be > 0, got {config.lr}")
     from ess_reg.mixers import MIXERS

@@ -44,8 +44,10 @@ class SequenceMixer(nn.Module, ABC):
 
     def __init__(self) -> None:
         super().__init__()
-        self._capture_next = False
+        self._capture_operator = False
+        self._capture_transition = False
         self.captured_operator: Operator | None = None
+        self.captured_transition: torch.Tensor | None = None
 
     # -- to implement ----------------------------------------------------------------------------
     @abstractmethod
@@ -78,9 +80,12 @@ class SequenceMixer(nn.Module, ABC):
         _check_input(x, self)
         features = self.featurize(x)
         y = self.mix(features)
-        if self._capture_next:
-            self._capture_next = False
+        if self._capture_operator:
+            self._capture_operator = False
             self.captured_operator = self.build_operator(features)
+        if self._capture_transition:
+            self._capture_transition = False
+            self.captured_transition = self.transition_from_features(features)
         return self.readout(features, y)
 
     def trace(self, x: torch.Tensor) -> MixerTrace:
@@ -98,10 +103,13 @@ class SequenceMixer(nn.Module, ABC):
         _check_input(x, self)
         return self.transition_from_features(self.featurize(x))
 
-    def request_capture(self) -> None:
-        """Make the next forward keep its operator in :attr:`captured_operator`."""
-        self._capture_next = True
+    def request_capture(self, *, operator: bool = True, transition: bool = False) -> None:
+        """Make the next forward keep its operator in :attr:`captured_operator` (and the diagonal of
+        its transition in :attr:`captured_transition`)."""
+        self._capture_operator = operator
+        self._capture_transition = transition and self.has_transition
         self.captured_operator = None
+        self.captured_transition = None
 
 
 def _check_input(x: torch.Tensor, mixer: nn.Module) -> None:

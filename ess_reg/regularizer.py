@@ -1,0 +1,415 @@
+"""``ESSRegularizer`` (a differentiable ESS term) and ``TransitionPenalty`` (the paper's baseline)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ess_reg.capture import hook_operators, recognised_modules
+from ess_reg.functional import entropy_ess, split_singular_values
+from ess_reg.mixers import SequenceMixer
+from ess_reg.operators import Operator
+
+Target = Literal["max", "min"] | float
+ModuleSelector = Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool] | None
+_KINDS = ("entropy", "soft_tolerance")
+
+
+class ESSRegularizer:
+    """A differentiable effective-state-size penalty for the recognised mixers of ``model``.
+
+    Hooks every recognised mixer (or those selected by ``modules``); each forward keeps the mixer's
+    operator, attached to the autograd graph. ``reg()`` then returns ``weight * mean over layers of
+    f(v_l)``, where ``v_l`` is layer ``l``'s ESS averaged over sampled splits, channels and batch:
+
+    - ``normalize=True`` (default): ``v_l`` is the utilization, ESS / TSS (for an operator without a
+      finite state, ESS_i / ``min(i, L - i)``), in ``[0, 1]``, so ``weight`` means the same for every
+      layer;
+    - ``target="max"``: ``f(v) = 1 - v`` (``-v`` unnormalized) rewards ESS and fights state collapse;
+      ``"min"``: ``f(v) = v`` pushes towards a smaller effective state (easier distillation); a float
+      ``t``: ``f(v) = (v - t)^2``.
+
+    ``kind="entropy"`` uses entropy-ESS; ``"soft_tolerance"`` a smooth count of singular values
+    above ``tol * sigma_max``, ``sum_k sigmoid((log(sigma_k / sigma_max) - log tol) / temperature)``
+    (tolerance-ESS itself has no gradient).
+
+    Args:
+        model: the model whose mixers are regularized.
+        weight: the penalty's weight.
+        splits: an int ``k`` (``k`` random splits, drawn afresh every step) or fixed split indices.
+        every_n_steps, warmup_steps: schedule; on skipped steps ``reg()`` returns a zero tensor and
+            no operator is built. One call of ``reg()`` (or one ``ESSOptimizer.step``) is one step.
+        dtype: compute dtype of the singular values (float64 default).
+        generator: ``torch.Generator`` for the split sampling (CPU).
+        tol, temperature: of ``kind="soft_tolerance"``.
+
+    Use as ``loss = task_loss + reg()`` after each forward, or call :meth:`attach` (or wrap the
+    optimizer in :class:`ess_reg.ESSOptimizer`) to apply the penalty's gradient inside
+    ``loss.backward()`` without touching the loss.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        weight: float = 1e-2,
+        kind: str = "entropy",
+        target: Target = "max",
+        normalize: bool = True,
+        modules: ModuleSelector = None,
+        splits: int | Sequence[int] | torch.Tensor = 8,
+        every_n_steps: int = 1,
+        warmup_steps: int = 0,
+        dtype: torch.dtype = torch.float64,
+        generator: torch.Generator | None = None,
+        tol: float = 1e-3,
+        temperature: float = 0.5,
+    ) -> None:
+        _check_config(weight, kind, target, splits, every_n_steps, warmup_steps, dtype, tol, temperature)
+        self.model = model
+        self.weight, self.kind, self.target, self.normalize = float(weight), kind, target, normalize
+        self.splits = splits if isinstance(splits, int) else torch.as_tensor(splits, dtype=torch.long)
+        self.every_n_steps, self.warmup_steps = every_n_steps, warmup_steps
+        self.dtype, self.tol, self.temperature = dtype, tol, temperature
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.modules = select_modules(model, modules)
+        self.step_count = 0
+        self.operators: dict[str, Operator] = {}
+        self.values: dict[str, torch.Tensor] = {}
+        self._attached = False
+        self._grad_scaler: Any = None
+        self._split_cache: dict[int, torch.Tensor] = {}
+        self._split_step = -1
+        self._handles = hook_operators(self.modules, self._on_forward, active=self._capture_now)
+
+    # -- schedule ------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """Picklable hyper-parameters (everything but the model)."""
+        splits = self.splits if isinstance(self.splits, int) else self.splits.tolist()
+        return {"weight": self.weight, "kind": self.kind, "target": self.target,
+                "normalize": self.normalize, "modules": list(self.modules), "splits": splits,
+                "every_n_steps": self.every_n_steps, "warmup_steps": self.warmup_steps,
+                "dtype": str(self.dtype), "tol": self.tol, "temperature": self.temperature}
+
+    def is_active(self, step: int | None = None) -> bool:
+        """Whether the penalty is computed at ``step`` (default: the current step)."""
+        step = self.step_count if step is None else step
+        return step >= self.warmup_steps and (step - self.warmup_steps) % self.every_n_steps == 0
+
+    def advance(self) -> None:
+        """Move the schedule to the next step (``reg()`` and ``ESSOptimizer.step`` call this)."""
+        self.step_count += 1
+
+    def _capture_now(self) -> bool:
+        return self.weight != 0 and torch.is_grad_enabled() and self.is_active()
+
+    # -- penalty --------------------------------------------------------------------------------
+    def __call__(self) -> torch.Tensor:
+        """The penalty for the last forward (a scalar on the model's device); advances the schedule."""
+        if self._attached:
+            raise RuntimeError(
+                "this ESSRegularizer is attached: its gradient is applied inside loss.backward(); "
+                "do not also add reg() to the loss (call detach() to use it as a loss term)"
+            )
+        try:
+            if not self._capture_now() or not self.operators:
+                return torch.zeros((), device=self._device())
+            layers = len(self.operators)
+            terms = [self._layer_term(name, op, layers) for name, op in self.operators.items()]
+            return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+        finally:
+            self.advance()
+
+    def _layer_term(self, name: str, op: Operator, layers: int) -> torch.Tensor:
+        value = self.utilization(op)
+        self.values[name] = value.detach()
+        if self.target == "max":
+            term = (1 - value) if self.normalize else -value
+        elif self.target == "min":
+            term = value
+        else:
+            term = (value - float(self.target)) ** 2
+        return self.weight / layers * term
+
+    def utilization(self, op: Operator) -> torch.Tensor:
+        """``v``: ESS (or ESS / TSS when normalizing) averaged over this step's splits, channels
+        and batch; differentiable."""
+        index = self._splits_for(op.seq_len)
+        sigma = split_singular_values(op, splits=index, dtype=self.dtype).to(self.dtype)
+        ess = entropy_ess(sigma) if self.kind == "entropy" else self._soft_count(sigma)
+        if self.normalize:
+            if op.state_size is not None:
+                ess = ess / op.state_size
+            else:
+                ess = ess / torch.minimum(index, op.seq_len - index).to(ess.device, ess.dtype)
+        return ess.mean()
+
+    def _soft_count(self, sigma: torch.Tensor) -> torch.Tensor:
+        top = sigma[..., :1]
+        tiny = torch.finfo(sigma.dtype).tiny
+        present = sigma > 0
+        ratio = torch.where(present, sigma / top.clamp_min(tiny), 1)
+        soft = torch.sigmoid((torch.log(ratio) - math.log(self.tol)) / self.temperature)
+        return torch.where(present, soft, 0).sum(-1)
+
+    def _splits_for(self, seq_len: int) -> torch.Tensor:
+        if not isinstance(self.splits, int):
+            if int(self.splits.max()) > seq_len - 1:
+                raise ValueError(f"fixed splits go up to {int(self.splits.max())} but L = {seq_len}")
+            return self.splits
+        if self._split_step != self.step_count:
+            self._split_cache, self._split_step = {}, self.step_count
+        if seq_len not in self._split_cache:
+            count = min(self.splits, seq_len - 1)
+            draw = torch.randperm(seq_len - 1, generator=self.generator)[:count] + 1
+            self._split_cache[seq_len] = draw.sort().values
+        return self._split_cache[seq_len]
+
+    # -- hooks and modes ---------------------------------------------------------------------------
+    def _on_forward(self, name: str, module: nn.Module, op: Operator, output: Any) -> Any:
+        self.operators[name] = op
+        if not self._attached or not isinstance(output, torch.Tensor):
+            return None
+        layers = len(self.modules)
+        tensors = op.tensors()
+
+        def penalty(leaves: list[torch.Tensor]) -> torch.Tensor:
+            return self._layer_term(name, _rebuild(op, leaves), layers)
+
+        return _InjectPenalty.apply(penalty, self, output, *tensors)
+
+    def attach(self, grad_scaler: Any = None) -> ESSRegularizer:
+        """Backward-pass mode: the penalty's gradient is added inside ``loss.backward()``.
+
+        Each recognised mixer's output passes an identity autograd node that holds the operator's
+        tensors; its backward builds the penalty on the tensors' own device and adds its gradient.
+        The forward keeps no penalty graph. With ``torch.amp.GradScaler`` pass the scaler so the
+        injected gradient is scaled like the loss. The schedule is advanced by :meth:`advance`
+        (``ESSOptimizer`` does it on every step).
+        """
+        self._attached, self._grad_scaler = True, grad_scaler
+        return self
+
+    def detach(self) -> ESSRegularizer:
+        """Back to loss-term mode (``loss + reg()``)."""
+        self._attached, self._grad_scaler = False, None
+        return self
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def _grad_scale(self) -> float:
+        scaler = self._grad_scaler
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+            return 1.0
+        return float(scaler.get_scale())
+
+    def remove(self) -> None:
+        """Remove all hooks and drop kept operators."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.operators = [], {}
+
+    def __enter__(self) -> ESSRegularizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _device(self) -> torch.device:
+        parameter = next(self.model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles with its model and hooks (the hooks are picklable objects), not the kept
+        operators or a grad scaler."""
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("operators", "generator", "_grad_scaler", "_split_cache")}
+        state["generator_state"] = self.generator.get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator_state = state.pop("generator_state")
+        self.__dict__.update(state)
+        self.generator = torch.Generator()
+        self.generator.set_state(generator_state)
+        self.operators, self._grad_scaler, self._split_cache = {}, None, {}
+
+    def __repr__(self) -> str:
+        mode = "attached" if self._attached else "loss-term"
+        return (f"ESSRegularizer(weight={self.weight}, kind={self.kind!r}, target={self.target!r}, "
+                f"layers={len(self.modules)}, mode={mode}, step={self.step_count})")
+
+
+class _InjectPenalty(torch.autograd.Function):
+    """Identity on a module's output whose backward adds a penalty's gradient to the operator's
+    tensors (computed then, on their device, and scaled like the loss under a GradScaler)."""
+
+    @staticmethod
+    def forward(ctx, penalty, regularizer, output, *tensors):
+        ctx.penalty, ctx.regularizer = penalty, regularizer
+        ctx.save_for_backward(*tensors)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.penalty(leaves), wanted, allow_unused=True)
+                         if wanted else ())
+        scale = ctx.regularizer._grad_scale()
+        out = []
+        for leaf in leaves:
+            grad = next(grads) if leaf.requires_grad else None
+            out.append(None if grad is None else grad * scale)
+        return (None, None, grad_output, *out)
+
+
+def _rebuild(op: Operator, tensors: list[torch.Tensor]) -> Operator:
+    """The same operator over replacement tensors (in :meth:`Operator.tensors` order)."""
+    from ess_reg.operators import DenseOperator, DiagonalRealization
+
+    if isinstance(op, DenseOperator):
+        return DenseOperator(tensors[0], validate=False)
+    if isinstance(op, DiagonalRealization):
+        log_decay = tensors[2] if op.log_decay is not None else None
+        return DiagonalRealization(tensors[0], tensors[1], log_decay, validate=False)
+    raise TypeError(f"cannot rebuild an operator of type {type(op).__name__}")
+
+
+class TransitionPenalty:
+    """The paper's baseline (Appendix A): ``weight * mean ||A_t - I||_F``.
+
+    Averaged over steps, heads (channels) and batch, then over layers, for the mixers with a state
+    transition (``la``, ``wla``, ``gla``, ``s6``, ``ssd``). Pulls the transition towards the
+    identity (less forgetting). Hooks the mixers like :class:`ESSRegularizer`; call it after each
+    forward: ``loss = task_loss + penalty()``.
+    """
+
+    def __init__(self, model: nn.Module, weight: float = 1e-2, *, modules: ModuleSelector = None) -> None:
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        self.model, self.weight = model, float(weight)
+        chosen = select_modules(model, modules)
+        self.modules = {n: m for n, m in chosen.items()
+                        if isinstance(m, SequenceMixer) and m.has_transition}
+        if not self.modules:
+            raise ValueError(
+                "TransitionPenalty found no mixer with a state transition (la, wla, gla, s6, ssd) "
+                f"among {sorted(chosen)}"
+            )
+        self.transitions: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(_request_transition))
+            self._handles.append(module.register_forward_hook(_KeepTransition(self, name)))
+
+    def __call__(self) -> torch.Tensor:
+        """The penalty for the last forward (a scalar)."""
+        if not self.transitions:
+            return torch.zeros(())
+        terms = []
+        for name, a in self.transitions.items():
+            n = self.modules[name].state_size
+            if a.shape[-1] == 1:  # scalar transition a * I_N
+                norm = (a[..., 0] - 1).abs() * math.sqrt(n)
+            else:
+                norm = torch.sqrt(((a - 1) ** 2).sum(-1) + torch.finfo(a.dtype).tiny)
+            self.values[name] = norm.mean().detach()
+            terms.append(norm.mean())
+        self.transitions = {}
+        return self.weight * torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> TransitionPenalty:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _request_transition(module: SequenceMixer, args: tuple) -> None:
+    module.request_capture(operator=False, transition=True)
+
+
+class _KeepTransition:
+    def __init__(self, penalty: TransitionPenalty, name: str) -> None:
+        self.penalty, self.name = penalty, name
+
+    def __call__(self, module: SequenceMixer, args: tuple, output: Any) -> None:
+        self.penalty.transitions[self.name] = module.captured_transition
+        module.captured_transition = None
+
+
+def select_modules(model: nn.Module, modules: ModuleSelector) -> dict[str, nn.Module]:
+    """The recognised mixers of ``model`` picked by ``modules`` (names, types or a predicate)."""
+    recognised = recognised_modules(model)
+    if not recognised:
+        from ess_reg.capture import supported_types
+
+        raise ValueError(
+            f"{type(model).__name__} contains no module ess-reg recognises; supported types: "
+            f"{', '.join(supported_types())}"
+        )
+    if modules is None:
+        return recognised
+    named = dict(model.named_modules())
+    if isinstance(modules, type | tuple):
+        chosen = {n: m for n, m in recognised.items() if isinstance(m, modules)}
+    elif callable(modules):
+        chosen = {n: m for n, m in recognised.items() if modules(n, m)}
+    elif isinstance(modules, Iterable) and not isinstance(modules, str):
+        chosen = {}
+        for name in modules:
+            if name not in named:
+                raise ValueError(f"modules: {name!r} is not a submodule of the model; "
+                                 f"recognised mixers: {sorted(recognised)}")
+            if name not in recognised:
+                raise ValueError(f"modules: {name!r} ({type(named[name]).__name__}) is not a "
+                                 f"recognised mixer; recognised: {sorted(recognised)}")
+            chosen[name] = named[name]
+    else:
+        raise TypeError("modules must be None, a list of module names, a module type (or tuple of "
+                        "types) or a predicate f(name, module) -> bool")
+    if not chosen:
+        raise ValueError(f"modules selected no recognised mixer; recognised: {sorted(recognised)}")
+    return chosen
+
+
+def _check_config(weight, kind, target, splits, every_n_steps, warmup_steps, dtype, tol, temperature):
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if not (target in ("max", "min") or (isinstance(target, int | float) and not isinstance(target, bool)
+                                          and math.isfinite(target))):
+        raise ValueError(f"target must be 'max', 'min' or a finite number, got {target!r}")
+    if isinstance(splits, bool) or (isinstance(splits, int) and splits < 1):
+        raise ValueError(f"splits must be a positive int or split indices, got {splits!r}")
+    if not isinstance(splits, int):
+        index = torch.as_tensor(splits)
+        if index.dim() != 1 or index.numel() == 0 or index.is_floating_point() or int(index.min()) < 1:
+            raise ValueError(f"fixed splits must be a non-empty 1-D list of indices >= 1, got {splits!r}")
+    for name, value, low in (("every_n_steps", every_n_steps, 1), ("warmup_steps", warmup_steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not (0 < tol < 1):
+        raise ValueError(f"tol must lie in (0, 1), got {tol}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -1,6 +1,7 @@
 """ess-reg: measure and shape the effective state-size (ESS) of sequence models."""
 
 from ess_reg.capture import capture_operators, register_extractor
+from ess_reg.diagnostics import diagnose
 from ess_reg.functional import (
     average_ess,
     ess_curve,
@@ -9,6 +10,7 @@ from ess_reg.functional import (
     total_ess,
     utilization,
 )
+from ess_reg.metric import ESSMetric
 from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
 from ess_reg.optim import ESSOptimizer
 from ess_reg.regularizer import ESSRegularizer, TransitionPenalty
@@ -18,12 +20,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseOperator",
     "DiagonalRealization",
+    "ESSMetric",
     "ESSOptimizer",
     "ESSRegularizer",
     "Operator",
     "TransitionPenalty",
     "average_ess",
     "capture_operators",
+    "diagnose",
     "ess_curve",
     "register_extractor",
     "split_singular_values",

@@ -98,3 +98,86 @@ def format_reports(reports: list[LayerReport]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), "  ".join("-" * w for w in widths),
                       *(fmt.format(*row) for row in rows)])
+
+
+@dataclass
+class TokenModulation:
+    """ESS aligned on occurrences of a delimiter token.
+
+    ``offsets``: split offsets ``o`` relative to each occurrence at position ``p``: split ``p + o``
+    looks at inputs before ``p + o`` and outputs from ``p + o`` on, so for ``o >= 0`` every output
+    in the block comes at or after the delimiter (a gate at ``p`` already acts on split ``p``).
+    ``curves[layer]``: mean ESS (over channels and occurrences) at each offset, NaN where no
+    occurrence reaches. ``modulation``: the relative drop ``1 - mean(after) / mean(before)`` with
+    after ``o >= 0`` and before ``o < 0``; near 0 the layer ignores the delimiter, near 1 it resets
+    its state there.
+    """
+
+    offsets: np.ndarray
+    curves: dict[str, np.ndarray]
+    modulation: dict[str, float]
+    occurrences: int
+
+
+def ess_around_tokens(
+    model_or_operators: nn.Module | dict[str, Any],
+    input_ids: torch.Tensor,
+    token_id: int,
+    window: int = 8,
+    *,
+    kind: str = "entropy",
+    tol: float = 1e-3,
+    relative: bool = True,
+) -> TokenModulation:
+    """ESS per split aligned on each occurrence of ``token_id`` (e.g. an end-of-sequence id).
+
+    Args:
+        model_or_operators: a model (its recognised mixers are captured on ``input_ids``) or a dict
+            ``name -> operator`` computed on ``input_ids``.
+        input_ids: ``[B, L]`` token ids.
+        token_id: the delimiter.
+        window: offsets ``-window .. window - 1`` around each occurrence.
+        kind, tol, relative: as in :func:`ess_reg.ess_curve`. Entropy-ESS and relative
+            tolerance-ESS are scale-invariant: a layer that wipes its state *uniformly* keeps the
+            shape of its (now tiny) spectrum; use ``kind="tolerance", relative=False`` to see that.
+    """
+    from ess_reg.functional import ess_curve
+
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, L] tensor, got {getattr(input_ids, 'shape', input_ids)}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if isinstance(model_or_operators, nn.Module):
+        was_training = model_or_operators.training
+        model_or_operators.eval()
+        try:
+            with torch.no_grad():
+                operators = capture_operators(model_or_operators, input_ids)
+        finally:
+            model_or_operators.train(was_training)
+    else:
+        operators = dict(model_or_operators)
+    batch, length = input_ids.shape
+    rows, positions = (input_ids.cpu() == token_id).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        raise ValueError(f"token_id {token_id} does not occur in input_ids")
+    offsets = np.arange(-window, window)
+    curves, modulation = {}, {}
+    for name, op in operators.items():
+        if op.seq_len != length or op.shape[0] != batch:
+            raise ValueError(f"operator {name!r} has shape {tuple(op.shape)} and L={op.seq_len}; "
+                             f"input_ids is [{batch}, {length}]")
+        with torch.no_grad():
+            curve_all = ess_curve(op, kind, tol=tol, relative=relative)
+            per_split = curve_all.double().mean(dim=1).cpu().numpy()  # [B, L - 1]
+        sums, counts = np.zeros(len(offsets)), np.zeros(len(offsets))
+        for row, position in zip(rows.tolist(), positions.tolist(), strict=True):
+            split = position + offsets
+            valid = (split >= 1) & (split <= length - 1)
+            sums[valid] += per_split[row, split[valid] - 1]
+            counts[valid] += 1
+        curve = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        before, after = np.nanmean(curve[offsets < 0]), np.nanmean(curve[offsets >= 0])
+        curves[name] = curve
+        modulation[name] = float(1 - after / before) if before > 0 else float("nan")
+    return TokenModulation(offsets, curves, modulation, int(rows.numel()))

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=defaults.device)
     train.add_argument("--out", default=defaults.out, help="run folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--tensorboard", action="store_true",
+                       help="also log to TensorBoard (RUN/tensorboard; needs the tensorboard package)")
     train.add_argument("--reg-weight", type=float, default=defaults.reg_weight,
                        help="weight of the regularizer (0: none)")
     train.add_argument("--reg-target", default=defaults.reg_target,

@@ -14,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ess_reg.analysis import layer_report
+from ess_reg.capture import capture_operators
+from ess_reg.metric import ESSMetric
 from ess_reg.models import AutoEncoderModel, SequenceModel
 from ess_reg.plots import plot_ess_curves, plot_training
 from ess_reg.tasks import TASKS, SyntheticTask, accuracy, loss_fn
@@ -49,6 +51,7 @@ class TrainConfig:
     reg_target: str = "max"
     reg_kind: str = "entropy"
     reg_splits: int = 8
+    tensorboard: bool = False
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def mixers(self) -> str | list[str]:
@@ -108,6 +111,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
+    writer = _tensorboard_writer(out) if config.tensorboard else None
     start = time.perf_counter()
     bar = tqdm(range(1, config.steps + 1), disable=not progress, desc=f"{config.mixer} on {config.task}")
     last_ess = float("nan")
@@ -133,12 +137,16 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             records.append(record)
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if writer is not None:
+                _write_scalars(writer, record)
             last_ess = sum(record["ess"].values()) / max(1, len(record["ess"]))
         bar.set_postfix(loss=f"{task_loss.item():.3f}",
                         acc=f"{records[-1]['test_accuracy']:.2f}" if records else "-",
                         ess=f"{last_ess:.2f}")
     if penalty is not None:
         penalty.remove()
+    if writer is not None:
+        writer.close()
     torch.save({"model": model.state_dict(), "train_config": dataclasses.asdict(config)},
                out / "checkpoint.pt")
     plot_training(records, out / "training.png")
@@ -188,10 +196,35 @@ def _evaluate(model, test_set, config, device) -> dict[str, Any]:
             batch_acc = accuracy(model(inputs), targets)
             correct += float(batch_acc) * inputs.shape[0]
             total += inputs.shape[0]
-    report = layer_report(model, test_set.inputs[: config.ess_examples].to(device), config,
-                          splits=config.ess_splits)
-    return {"test_accuracy": correct / total, "ess": {r.label: r.entropy_ess for r in report},
-            "ess_tolerance": {r.label: r.tolerance_ess for r in report}}
+    with torch.no_grad():
+        operators = capture_operators(model, test_set.inputs[: config.ess_examples].to(device))
+    metric = ESSMetric(kind="both", splits=config.ess_splits)
+    metric.update(operators)
+    result = {k: float(v) for k, v in metric.compute().items()}
+    modules = dict(model.named_modules())
+    label = {name: f"{name} ({modules[name].name})" for name in operators}
+    return {"test_accuracy": correct / total,
+            "ess": {label[n]: result[f"{n}/ess"] for n in operators},
+            "ess_tolerance": {label[n]: result[f"{n}/ess_tolerance"] for n in operators},
+            "metric": result}
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _write_scalars(writer, record: dict[str, Any]) -> None:
+    step = record["step"]
+    for key in ("loss", "reg_loss", "train_accuracy", "test_accuracy", "lr"):
+        if key in record:
+            writer.add_scalar(f"train/{key}", record[key], step)
+    for key, value in record["metric"].items():
+        writer.add_scalar(key, value, step)
+    writer.flush()
 
 
 def _cosine(config: TrainConfig):

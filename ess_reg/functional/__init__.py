@@ -13,12 +13,14 @@ from ess_reg.functional.ess import (
 )
 from ess_reg.functional.spectrum import entropy_ess, tolerance_ess
 from ess_reg.functional.splits import resolve_splits
+from ess_reg.functional.summary import ess_summary
 
 __all__ = [
     "DEFAULT_TOL",
     "average_ess",
     "entropy_ess",
     "ess_curve",
+    "ess_summary",
     "resolve_method",
     "resolve_splits",
     "split_singular_values",

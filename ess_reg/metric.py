@@ -1,0 +1,177 @@
+"""``ESSMetric``: effective state-size as a torchmetrics ``Metric``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from ess_reg.functional.ess import DEFAULT_TOL
+from ess_reg.functional.splits import Splits, resolve_splits
+from ess_reg.functional.summary import _ess_compute, _ess_update
+from ess_reg.operators import Operator, as_operator
+
+_STAT_NAMES = ("sum", "util_sum", "total_sum")
+
+
+class ESSMetric(Metric):
+    r"""Average effective state-size per layer, accumulated over batches (and synced across ranks).
+
+    ``update(operators)`` takes one operator (logged as layer ``"operator"``) or a dict
+    ``name -> operator``, as returned by :func:`ess_reg.capture_operators` or
+    ``ESSRegularizer.operators``. ``compute()`` returns a flat dict of scalar tensors:
+
+    - ``"{layer}/ess"``: average ESS per channel (mean over splits, channels and every sample seen),
+      equal to ``average_ess(op).mean()`` over the same data;
+    - ``"{layer}/total_ess"``: summed over channels (mean over samples);
+    - ``"{layer}/utilization"``: ESS / TSS (ESS_i / ``min(i, L - i)`` without a finite state);
+    - ``"{layer}/tss"``: TSS per channel (only for layers with a finite state);
+    - ``"ess/total"`` (sum of the layers' total ESS) and ``"ess/mean_utilization"``;
+    - with ``kind="both"``, the tolerance values again under ``"{layer}/ess_tolerance"``, ... ;
+    - with ``curve=True``, ``"{layer}/curve"``: mean ESS at each split (a 1-D tensor).
+
+    States are sums with ``dist_reduce_fx="sum"``, so the DDP result equals the single-process one.
+    ESS is a diagnostic: ``higher_is_better`` is None, and values are detached (use the functional
+    API or :class:`ess_reg.ESSRegularizer` for gradients).
+
+    Args:
+        kind: ``"entropy"`` (default), ``"tolerance"`` or ``"both"``.
+        splits: as in :func:`ess_reg.ess_curve` (default: all splits).
+        tol, relative: of tolerance-ESS.
+        curve: also keep the mean ESS per split index (needs the same splits on every update).
+        kwargs: Additional keyword arguments of ``torchmetrics.Metric``.
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+    plot_lower_bound = 0.0
+
+    def __init__(
+        self,
+        kind: str = "entropy",
+        *,
+        splits: Splits = None,
+        tol: float = DEFAULT_TOL,
+        relative: bool = True,
+        curve: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if kind not in ("entropy", "tolerance", "both"):
+            raise ValueError(f"kind must be 'entropy', 'tolerance' or 'both', got {kind!r}")
+        if not (isinstance(tol, int | float) and tol >= 0):
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        self.kind, self.splits, self.tol, self.relative, self.curve = kind, splits, tol, relative, curve
+        self.kinds = ("entropy", "tolerance") if kind == "both" else (kind,)
+        self.layers: dict[str, str] = {}  # layer name -> state prefix
+        self.tss: dict[str, int | None] = {}
+        self.curve_splits: dict[str, torch.Tensor] = {}
+
+    # -- layers are registered on first sight (states added before any merge) --------------------
+    def _register(self, operators: Mapping[str, Operator]) -> None:
+        for name in sorted(operators):
+            op = operators[name]
+            if name in self.layers:
+                if self.curve and op.seq_len - 1 < int(self.curve_splits[name].max()):
+                    raise ValueError(f"layer {name!r}: curve=True needs the same splits on every update")
+                continue
+            prefix = f"l{len(self.layers)}_" + re.sub(r"\W", "_", name)
+            self.layers[name] = prefix
+            self.tss[name] = op.state_size
+            zero = torch.tensor(0.0, dtype=torch.float64)
+            for stat in ("count", "samples", "curve_count"):
+                self.add_state(f"{prefix}_{stat}", zero.clone(), dist_reduce_fx="sum")
+            for kind in self.kinds:
+                for stat in _STAT_NAMES:
+                    self.add_state(f"{prefix}_{kind}_{stat}", zero.clone(), dist_reduce_fx="sum")
+            if self.curve:
+                index = resolve_splits(self.splits, op.seq_len)
+                self.curve_splits[name] = index
+                for kind in self.kinds:
+                    self.add_state(f"{prefix}_{kind}_curve_sum",
+                                   torch.zeros(index.numel(), dtype=torch.float64), dist_reduce_fx="sum")
+
+    @staticmethod
+    def _as_dict(operators: Operator | torch.Tensor | Mapping[str, Any]) -> dict[str, Operator]:
+        if isinstance(operators, Mapping):
+            if not operators:
+                raise ValueError("operators is an empty dict; capture_operators found no layer?")
+            return {str(k): as_operator(v, f"operators[{k!r}]") for k, v in operators.items()}
+        return {"operator": as_operator(operators)}
+
+    def forward(self, operators: Any) -> Any:
+        self._register(self._as_dict(operators))
+        return super().forward(operators)
+
+    def update(self, operators: Operator | torch.Tensor | Mapping[str, Operator]) -> None:
+        """Accumulate the ESS statistics of one operator or a dict of them."""
+        operators = self._as_dict(operators)
+        self._register(operators)
+        for name, op in operators.items():
+            prefix = self.layers[name]
+            stats = _ess_update(op, self.kinds, splits=self.splits, tol=self.tol, relative=self.relative)
+            for stat in ("count", "samples", "curve_count"):
+                self._add(f"{prefix}_{stat}", stats[stat])
+            for kind in self.kinds:
+                for stat in _STAT_NAMES:
+                    self._add(f"{prefix}_{kind}_{stat}", stats[f"{kind}_{stat}"])
+                if self.curve:
+                    self._add(f"{prefix}_{kind}_curve_sum", stats[f"{kind}_curve_sum"])
+
+    def _add(self, state: str, value: torch.Tensor) -> None:
+        current = getattr(self, state)
+        setattr(self, state, current + value.to(current.device, current.dtype))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The flat dict of results (see the class docstring)."""
+        out: dict[str, torch.Tensor] = {}
+        for position, kind in enumerate(self.kinds):
+            suffix = "" if position == 0 else f"_{kind}"
+            totals, utils = [], []
+            for name, prefix in self.layers.items():
+                stats = {s: getattr(self, f"{prefix}_{s}") for s in ("count", "samples", "curve_count")}
+                for stat in _STAT_NAMES:
+                    stats[f"{kind}_{stat}"] = getattr(self, f"{prefix}_{kind}_{stat}")
+                stats[f"{kind}_curve_sum"] = (getattr(self, f"{prefix}_{kind}_curve_sum")
+                                              if self.curve else torch.zeros(()))
+                if float(stats["count"]) == 0:
+                    continue
+                values = _ess_compute(stats, kind)
+                out[f"{name}/ess{suffix}"] = values["ess"]
+                out[f"{name}/total_ess{suffix}"] = values["total_ess"]
+                out[f"{name}/utilization{suffix}"] = values["utilization"]
+                if self.curve:
+                    out[f"{name}/curve{suffix}"] = values["curve"]
+                totals.append(values["total_ess"])
+                utils.append(values["utilization"])
+            for name in self.layers:
+                if position == 0 and self.tss[name] is not None and f"{name}/ess" in out:
+                    out[f"{name}/tss"] = torch.tensor(float(self.tss[name]), dtype=torch.float64)
+            if totals:
+                out[f"ess/total{suffix}"] = torch.stack(totals).sum()
+                out[f"ess/mean_utilization{suffix}"] = torch.stack(utils).mean()
+        return out
+
+    def plot(self, val: dict[str, torch.Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """ESS curves per layer (with ``curve=True``) or utilization bars; returns ``(fig, ax)``."""
+        import matplotlib.pyplot as plt
+
+        val = self.compute() if val is None else val
+        fig, ax = (plt.subplots(figsize=(7, 4)) if ax is None else (ax.get_figure(), ax))
+        curves = {k[: -len("/curve")]: v for k, v in val.items() if k.endswith("/curve")}
+        if curves:
+            for name, values in curves.items():
+                ax.plot(self.curve_splits[name].numpy(), values.numpy(), label=name)
+            ax.set(xlabel="split index i", ylabel="mean ESS", title="ESS over the sequence")
+            ax.legend(fontsize=8)
+        else:
+            names = [k[: -len("/utilization")] for k in val if k.endswith("/utilization")]
+            ax.bar(range(len(names)), [float(val[f"{n}/utilization"]) for n in names])
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+            ax.set(ylabel="utilization (ESS / TSS)", ylim=(0, 1.05), title="state utilization")
+        fig.tight_layout()
+        return fig, ax

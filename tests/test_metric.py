@@ -1,0 +1,155 @@
+"""ESSMetric: the torchmetrics contract, agreement with the functional API, DDP with gloo."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchmetrics import MetricCollection
+
+from ess_reg import ESSMetric, average_ess, capture_operators, ess_curve, total_ess, utilization
+from ess_reg.functional import ess_summary
+from ess_reg.models import SequenceModel
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return SequenceModel(["gla", "sa"], d_model=32, n_layers=2, vocab_size=50)
+
+
+def _batches(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50, (3, 20), generator=g) for _ in range(n)]
+
+
+def _operators(model, ids):
+    with torch.no_grad():
+        return capture_operators(model, ids)
+
+
+def test_metric_equals_functional_over_the_same_data():
+    model = _model()
+    metric = ESSMetric()
+    batches = _batches()
+    for ids in batches:
+        metric.update(_operators(model, ids))
+    result = metric.compute()
+    everything = _operators(model, torch.cat(batches))
+    for name, op in everything.items():
+        torch.testing.assert_close(result[f"{name}/ess"], average_ess(op).mean().double(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(result[f"{name}/total_ess"], total_ess(op).double(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(result[f"{name}/utilization"], utilization(op).mean().double(),
+                                   rtol=1e-5, atol=0)
+    assert result["blocks.0.mixer/tss"] == model.mixers[0].state_size
+    assert "blocks.1.mixer/tss" not in result  # softmax attention has no finite state
+    torch.testing.assert_close(result["ess/total"],
+                               result["blocks.0.mixer/total_ess"] + result["blocks.1.mixer/total_ess"])
+
+
+def test_kinds_curve_and_single_operator():
+    model = _model()
+    ops = _operators(model, _batches(1)[0])
+    metric = ESSMetric(kind="both", splits=5, curve=True)
+    metric.update(ops)
+    result = metric.compute()
+    for name, op in ops.items():
+        curve = ess_curve(op, splits=5).double().mean(dim=(0, 1))
+        torch.testing.assert_close(result[f"{name}/curve"], curve, rtol=1e-5, atol=0)
+        tol = ess_curve(op, "tolerance", splits=5).double().mean()
+        torch.testing.assert_close(result[f"{name}/ess_tolerance"], tol)
+    assert "ess/mean_utilization_tolerance" in result
+    single = ESSMetric()
+    single.update(ops["blocks.0.mixer"])
+    assert set(single.compute()) >= {"operator/ess", "operator/utilization", "ess/total"}
+
+
+def test_forward_reset_collection_state_dict_and_pickle():
+    model = _model()
+    first, second = (_operators(model, ids) for ids in _batches(2))
+    metric = ESSMetric()
+    batch_value = metric(first)
+    assert set(batch_value) == set(ESSMetric().__class__()(first))
+    metric(second)
+    accumulated = metric.compute()
+    reference = ESSMetric()
+    reference.update(first)
+    reference.update(second)
+    for key, value in reference.compute().items():
+        torch.testing.assert_close(accumulated[key], value)
+    metric.reset()
+    metric.update(first)
+    torch.testing.assert_close(metric.compute()["ess/total"], batch_value["ess/total"])
+    collection = MetricCollection({"ess": ESSMetric()}, prefix="train/")
+    collection.update(first)
+    assert "train/blocks.0.mixer/ess" in collection.compute()
+    assert metric.state_dict() == {}
+    clone = pickle.loads(pickle.dumps(metric))
+    torch.testing.assert_close(clone.compute()["ess/total"], metric.compute()["ess/total"])
+    with pytest.raises(RuntimeError, match="Can't change const"):
+        metric.higher_is_better = True
+    assert metric.clone() is not metric
+
+
+def test_plot_returns_figure_and_axes():
+    model = _model()
+    ops = _operators(model, _batches(1)[0])
+    for curve in (True, False):
+        metric = ESSMetric(curve=curve)
+        metric.update(ops)
+        fig, ax = metric.plot()
+        assert fig is not None and ax is not None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="kind must be"):
+        ESSMetric(kind="rank")
+    with pytest.raises(ValueError, match="Unexpected keyword"):
+        ESSMetric(bogus=1)
+    with pytest.raises(ValueError, match="empty dict"):
+        ESSMetric().update({})
+    with pytest.raises(TypeError, match="operator"):
+        ESSMetric().update({"x": [1, 2]})
+
+
+def test_summary_functional():
+    op = _operators(_model(), _batches(1)[0])["blocks.0.mixer"]
+    summary = ess_summary(op, splits=4)
+    assert summary["tss"] == op.state_size and summary["curve"].shape == (4,)
+    with pytest.raises(ValueError, match="kind"):
+        ess_summary(op, "both")
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = _model()
+        batches = _batches(4)
+        metric = ESSMetric(kind="both", curve=True, splits=6)
+        for ids in batches[rank::world]:
+            metric.update(_operators(model, ids))
+        result = metric.compute()
+        if rank == 0:
+            torch.save(result, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_sync_equals_single_process(tmp_path):
+    out = tmp_path / "ddp.pt"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    synced = torch.load(out)
+    model = _model()
+    single = ESSMetric(kind="both", curve=True, splits=6)
+    for ids in _batches(4):
+        single.update(_operators(model, ids))
+    expected = single.compute()
+    assert synced.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(synced[key], value, rtol=1e-10, atol=1e-12)

@@ -52,6 +52,7 @@ class TrainConfig:
     reg_kind: str = "entropy"
     reg_splits: int = 8
     tensorboard: bool = False
+    init: str = "none"
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def mixers(self) -> str | list[str]:
@@ -104,6 +105,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     train_set = make_task(config, config.train_examples, seed=config.seed)
     test_set = make_task(config, config.test_examples, seed=config.seed + 1_000_003)
     model = make_model(config).to(device)
+    if config.init != "none":
+        from init_schemes import ess_init
+
+        report = ess_init(model, probe=train_set.inputs[:8].to(device), scheme=config.init,
+                          seed=config.seed, verbose=False)
+        (out / "init_report.txt").write_text(str(report) + "\n")
+        if progress:
+            print(report)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config))
     generator = torch.Generator().manual_seed(config.seed)
@@ -247,6 +256,10 @@ def _validate(config: TrainConfig) -> None:
     if not config.reg_weight >= 0:
         raise ValueError(f"reg_weight must be >= 0, got {config.reg_weight}")
     parse_target(config.reg_target)
+    from init_schemes import SCHEMES
+
+    if config.init not in ("none", "auto", *SCHEMES):
+        raise ValueError(f"init must be none, auto or one of {sorted(SCHEMES)}, got {config.init!r}")
     if config.lr <= 0:
         raise ValueError(f"lr must be > 0, got {config.lr}")
     from ess_reg.mixers import MIXERS

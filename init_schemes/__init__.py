@@ -1,3 +1,34 @@
-"""ESS-informed initializers for featurizers and state-space parameters (timm-style ``*_`` functions)."""
+"""ESS-informed initializers for featurizers and state-space parameters.
 
-__all__: list[str] = []
+Timm-style in-place ``*_`` functions for the reference schemes (S4D-Lin/Inv/Real/LegS, Mamba-1/2
+``A`` and ``dt``, GLA gates, RetNet decays, WLA memory spans), named schemes per mixer type, and
+``ess_init(model)``, which picks each layer's scheme by the effective state-size it produces.
+"""
+
+from init_schemes.ess_init import InitReport, LayerInit, ess_init, init_weights_ess
+from init_schemes.gates import gla_gate_, retnet_decay_, wla_memory_
+from init_schemes.mamba import dt_bias_, mamba2_A_log_, mamba_A_log_
+from init_schemes.projections import projections_
+from init_schemes.registry import CANDIDATES, DEFAULTS, SCHEMES
+from init_schemes.s4d import hippo_legs, log_uniform_, s4d_A_, s4d_modes
+
+__all__ = [
+    "CANDIDATES",
+    "DEFAULTS",
+    "SCHEMES",
+    "InitReport",
+    "LayerInit",
+    "dt_bias_",
+    "ess_init",
+    "gla_gate_",
+    "hippo_legs",
+    "init_weights_ess",
+    "log_uniform_",
+    "mamba2_A_log_",
+    "mamba_A_log_",
+    "projections_",
+    "retnet_decay_",
+    "s4d_A_",
+    "s4d_modes",
+    "wla_memory_",
+]

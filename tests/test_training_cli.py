@@ -75,3 +75,21 @@ def test_bad_values_exit_2_without_traceback(tmp_path, capsys):
 def test_default_model_learns_mqar(tmp_path):
     config = TrainConfig(seq_len=32, kv_pairs=2, steps=500, log_every=250, out=str(tmp_path / "l"))
     assert train(config, progress=False)["test_accuracy"] > 0.5
+
+
+def test_train_with_init_and_tensorboard(tmp_path):
+    config = _tiny(tmp_path, init="auto", tensorboard=True, mixer="s6")
+    train(config, progress=False)
+    run = tmp_path / "run"
+    assert "utilization before" in (run / "init_report.txt").read_text()
+    assert any((run / "tensorboard").iterdir())
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "blocks.0.mixer/utilization" in record["metric"] and "ess/total" in record["metric"]
+
+
+def test_regularizer_flags(tmp_path):
+    for kind, target in (("entropy", "max"), ("soft_tolerance", "0.5"), ("transition", "max")):
+        config = _tiny(tmp_path, reg_weight=0.1, reg_kind=kind, reg_target=target,
+                       out=str(tmp_path / kind))
+        assert "reg_loss" in train(config, progress=False)
+    assert main(["train", "--init", "xavier", "--out", str(tmp_path / "z"), "--no-progress"]) == 2

@@ -22,6 +22,7 @@ class LinearAttention(SequenceMixer):
         feature_map: one of ``identity, elu, relu, squared_relu, performer, taylor, hedgehog``.
         feature_dim: width of ``q``/``k`` per head before the map (default: the head dim).
         short_conv: causal depthwise convolution (kernel 4) on ``q``, ``k``, ``v``.
+        temperature: ``q`` and ``k`` are divided by it before the feature map.
     """
 
     name = "la"
@@ -36,6 +37,7 @@ class LinearAttention(SequenceMixer):
         normalize: bool = False,
         short_conv: bool = True,
         eps: float = 1e-6,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if d_model % num_heads:
@@ -47,6 +49,9 @@ class LinearAttention(SequenceMixer):
         if normalize and not self.feature_map.positive:
             raise ValueError(f"normalize=True needs a positive feature map, not {feature_map!r}")
         self.normalize, self.eps = normalize, eps
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
         key_width = num_heads * self.feature_dim
         self.q = nn.Linear(d_model, key_width, bias=False)
         self.k = nn.Linear(d_model, key_width, bias=False)
@@ -65,8 +70,8 @@ class LinearAttention(SequenceMixer):
             qkv = self.conv(qkv)
         width = self.num_heads * self.feature_dim
         q, k, v = qkv.split([width, width, self.d_model], dim=-1)
-        phi_q = self.feature_map(split_heads(q, self.num_heads), is_query=True)
-        phi_k = self.feature_map(split_heads(k, self.num_heads), is_query=False)
+        phi_q = self.feature_map(split_heads(q, self.num_heads) / self.temperature, is_query=True)
+        phi_k = self.feature_map(split_heads(k, self.num_heads) / self.temperature, is_query=False)
         if self.normalize:
             c = phi_q / ((phi_q * phi_k.cumsum(dim=-2)).sum(-1, keepdim=True) + self.eps)
         else:

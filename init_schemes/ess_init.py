@@ -1,0 +1,219 @@
+"""``ess_init``: choose each mixer's initialization by the effective state-size it produces."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ess_reg.capture import hook_operators, recognised_modules, supported_types
+from ess_reg.functional.summary import ess_summary
+from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
+from init_schemes.registry import CANDIDATES, DEFAULTS, SCHEMES, Apply, lookup
+
+_OBJECTIVES = ("utilization", "ess")
+
+
+@dataclass
+class LayerInit:
+    """What ``ess_init`` did to one layer (``before`` / ``after``: the objective on the probe)."""
+
+    layer: str
+    mixer: str
+    scheme: str
+    before: float
+    after: float
+    evaluated: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class InitReport:
+    """Per-layer outcome of :func:`ess_init`; ``str()`` gives a table."""
+
+    layers: list[LayerInit]
+    objective: str
+
+    def __getitem__(self, layer: str) -> LayerInit:
+        for entry in self.layers:
+            if entry.layer == layer:
+                return entry
+        raise KeyError(layer)
+
+    def __str__(self) -> str:
+        header = ("layer", "mixer", "scheme", f"{self.objective} before", f"{self.objective} after")
+        rows = [(e.layer, e.mixer, e.scheme, f"{e.before:.3f}", f"{e.after:.3f}") for e in self.layers]
+        widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        return "\n".join([fmt.format(*header), "  ".join("-" * w for w in widths),
+                          *(fmt.format(*r) for r in rows)])
+
+
+def ess_init(
+    model: nn.Module,
+    *,
+    probe: Any = None,
+    scheme: str = "auto",
+    objective: str = "utilization",
+    candidates: Mapping[str, Sequence[tuple[str, Apply]]] | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+    splits: int = 8,
+) -> InitReport:
+    """Initialize every recognised mixer of ``model`` (in place) and report what was done.
+
+    With a named ``scheme`` (see ``init_schemes.SCHEMES``: ``s4d_lin``, ``s4d_inv``, ``s4d_real``,
+    ``s4d_legs``, ``mamba``, ``mamba2``, ``gla``, ``retnet``, ``wla``, ``la``, ``default``) the scheme
+    is applied to every mixer it covers. With ``"auto"``, layer by layer in forward order, each
+    candidate scheme or hyper-parameter setting of the layer's type (``dt`` range, ``A`` spectrum,
+    gate normalizer and bias, decay spans, feature-map temperature; ``init_schemes.CANDIDATES``, or
+    ``candidates[mixer_name]``) is applied and scored by the entropy-ESS ``objective`` it gives on
+    ``probe`` (``"utilization"``: ESS / TSS; ``"ess"``: average ESS), and the best one is kept
+    (the current initialization stays when nothing beats it).
+
+    Args:
+        probe: input for ``model(probe)``: a tensor, a tuple/list (``model(*probe)``) or a dict
+            (``model(**probe)``); None draws 8 random sequences of 64 tokens through the model's own
+            embedding.
+        seed: makes the random draws of the schemes (and of the probe) reproducible.
+        splits: evenly spaced splits used to score (the Gramian route makes this cheap).
+
+    Only the parameters a scheme owns change (``A``, ``dt``, gates, decays, temperatures); every
+    other parameter and the global RNG state are left alone; ``train()`` / ``eval()`` is restored.
+    """
+    if objective not in _OBJECTIVES:
+        raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
+    if scheme != "auto" and scheme not in SCHEMES:
+        raise ValueError(f"scheme must be 'auto' or one of {sorted(SCHEMES)}, got {scheme!r}")
+    mixers = recognised_modules(model)
+    if not mixers:
+        raise ValueError(
+            f"{type(model).__name__} contains no mixer ess_init recognises; supported types: "
+            f"{', '.join(supported_types())}"
+        )
+    probe = _default_probe(model, seed) if probe is None else probe
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        layers = []
+        for name, module in mixers.items():
+            label = getattr(module, "name", "") or type(module).__name__
+            before = _score(model, name, module, probe, objective, splits)
+            if scheme != "auto":
+                apply = lookup(SCHEMES[scheme], module)
+                if apply is None:
+                    layers.append(LayerInit(name, label, "unchanged (scheme does not apply)", before, before))
+                    continue
+                apply(module, generator)
+                after = _score(model, name, module, probe, objective, splits)
+                layers.append(LayerInit(name, label, scheme, before, after))
+                continue
+            options = _candidates_for(module, label, candidates)
+            if not options:
+                layers.append(LayerInit(name, label, "unchanged (no schemes)", before, before))
+                continue
+            original = copy.deepcopy(module.state_dict())
+            original_attrs = _attrs(module)
+            best = ("unchanged", before, original, original_attrs)
+            evaluated = []
+            for option, apply in options:
+                module.load_state_dict(original)
+                _restore_attrs(module, original_attrs)
+                draw = int(torch.randint(2**31, (1,), generator=generator))
+                apply(module, torch.Generator().manual_seed(draw))
+                value = _score(model, name, module, probe, objective, splits)
+                evaluated.append((option, value))
+                if value > best[1]:
+                    best = (option, value, copy.deepcopy(module.state_dict()), _attrs(module))
+            module.load_state_dict(best[2])
+            _restore_attrs(module, best[3])
+            layers.append(LayerInit(name, label, best[0], before, best[1], evaluated))
+    finally:
+        model.train(was_training)
+    report = InitReport(layers, objective)
+    if verbose:
+        print(report)
+    return report
+
+
+def init_weights_ess(module: nn.Module, name: str = "") -> None:
+    """Per-module reference initialization of recognised mixers (others untouched); for
+    ``timm.models.named_apply(init_weights_ess, model)``. Uses each type's default scheme."""
+    apply = lookup(DEFAULTS, module)
+    if apply is not None:
+        apply(module, torch.Generator().manual_seed(0))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+_OWNED_ATTRS = ("gate_logit_normalizer", "temperature")
+
+
+def _attrs(module: nn.Module) -> dict[str, Any]:
+    return {a: getattr(module, a) for a in _OWNED_ATTRS if hasattr(module, a)}
+
+
+def _restore_attrs(module: nn.Module, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        setattr(module, key, value)
+
+
+def _candidates_for(module, label, candidates):
+    if candidates is not None and label in candidates:
+        return list(candidates[label])
+    return list(lookup(CANDIDATES, module) or [])
+
+
+def _score(model, name, module, probe, objective, splits) -> float:
+    kept = {}
+    handles = hook_operators({name: module}, lambda n, m, op, out: kept.__setitem__(n, op))
+    try:
+        with torch.no_grad():
+            _run(model, probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if name not in kept:
+        raise ValueError(f"the probe did not run layer {name!r}; pass a probe that reaches it")
+    summary = ess_summary(_subsample(kept[name]), "entropy", splits=splits)
+    return float(summary["utilization" if objective == "utilization" else "ess"])
+
+
+#: Channels (batch x channel) scored per layer: an evenly spaced subset keeps scoring cheap for
+#: wide layers (S6 has ``expand * d_model`` channels per example).
+_MAX_SCORED = 64
+
+
+def _subsample(op: Operator) -> Operator:
+    flat = int(torch.tensor(op.shape).prod())
+    if flat <= _MAX_SCORED:
+        return op
+    index = torch.linspace(0, flat - 1, _MAX_SCORED).round().long()
+    if isinstance(op, DiagonalRealization):
+        parts = [None if t is None else t.reshape(-1, *t.shape[-2:])[index][None]
+                 for t in (op.c, op.b, op.log_decay)]
+        return DiagonalRealization(*parts, validate=False)
+    matrix = op.dense().reshape(-1, op.seq_len, op.seq_len)[index][None]
+    return DenseOperator(matrix, validate=False)
+
+
+def _run(model: nn.Module, probe: Any) -> None:
+    if isinstance(probe, Mapping):
+        model(**probe)
+    elif isinstance(probe, tuple | list):
+        model(*probe)
+    else:
+        model(probe)
+
+
+def _default_probe(model: nn.Module, seed: int) -> torch.Tensor:
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is None:
+        raise ValueError("probe=None needs a model with an nn.Embedding to draw random tokens; "
+                         "pass probe= (a batch the model accepts)")
+    g = torch.Generator().manual_seed(seed)
+    device = embedding.weight.device
+    return torch.randint(0, embedding.num_embeddings, (8, 64), generator=g).to(device)

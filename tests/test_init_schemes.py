@@ -1,0 +1,158 @@
+"""init_schemes: the reference formulas, ess_init and init_weights_ess."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from timm.models import named_apply
+
+from ess_reg.mixers import S4D, GatedLinearAttention, SelectiveSSM, WeightedLinearAttention
+from ess_reg.models import SequenceModel
+from init_schemes import (
+    SCHEMES,
+    dt_bias_,
+    ess_init,
+    gla_gate_,
+    hippo_legs,
+    init_weights_ess,
+    mamba2_A_log_,
+    mamba_A_log_,
+    projections_,
+    retnet_decay_,
+    s4d_A_,
+    s4d_modes,
+    wla_memory_,
+)
+
+
+def test_s4d_modes_match_the_formulas():
+    n = torch.arange(4, dtype=torch.float64)
+    half = -0.5 * torch.ones(4, dtype=torch.float64)
+    torch.testing.assert_close(s4d_modes("lin", 8), torch.complex(half, math.pi * n))
+    inv = s4d_modes("inv", 8)
+    torch.testing.assert_close(inv.imag, (8 / math.pi) * (8 / (2 * n + 1) - 1))
+    torch.testing.assert_close(s4d_modes("real", 8).real, -(n + 1))
+    legs = s4d_modes("legs", 8)
+    assert torch.allclose(legs.real, torch.full((4,), -0.5, dtype=torch.float64))
+    A, B = hippo_legs(8)
+    p = torch.sqrt(torch.arange(8, dtype=torch.float64) + 0.5)
+    normal = A + p[:, None] * p[None, :]
+    eig = torch.linalg.eigvals(normal)
+    expected = eig[eig.imag > 0].imag.sort().values
+    torch.testing.assert_close(legs.imag, expected)
+    assert A[2, 1] == -math.sqrt(5) * math.sqrt(3) and A[1, 1] == -2 and A[1, 2] == 0
+    torch.testing.assert_close(B, torch.sqrt(2 * torch.arange(8, dtype=torch.float64) + 1))
+    with pytest.raises(ValueError, match="even"):
+        s4d_modes("lin", 7)
+
+
+def test_mamba_and_gate_initializers():
+    A_log = torch.zeros(3, 4)
+    mamba_A_log_(A_log)
+    torch.testing.assert_close(-torch.exp(A_log[1]), -torch.arange(1.0, 5.0))
+    bias = torch.zeros(20000, dtype=torch.float64)
+    dt_bias_(bias, 1e-3, 1e-1, generator=torch.Generator().manual_seed(0))
+    dt = torch.nn.functional.softplus(bias)
+    assert dt.min() >= 1e-3 - 1e-12 and dt.max() <= 1e-1 + 1e-12
+    assert abs(torch.log(dt).mean().item() - (math.log(1e-3) + math.log(1e-1)) / 2) < 0.05
+    heads = torch.zeros(1000, dtype=torch.float64)
+    mamba2_A_log_(heads, 1, 16, generator=torch.Generator().manual_seed(0))
+    assert heads.exp().min() >= 1 and heads.exp().max() <= 16
+    gla = GatedLinearAttention(32)
+    gla_gate_(gla, normalizer=4, bias=2.0)
+    assert gla.gate_logit_normalizer == 4 and (gla.gate[1].bias == 2).all()
+    wla = WeightedLinearAttention(32)
+    retnet_decay_(wla)
+    decay = torch.exp(wla.log_decay())
+    torch.testing.assert_close(decay[:, 0], (1 - 2.0 ** (-5 - torch.arange(4.0))), rtol=1e-5, atol=1e-6)
+    wla_memory_(wla, 10, 10)
+    torch.testing.assert_close(torch.exp(wla.log_decay()), torch.full_like(decay, 0.9), rtol=1e-5, atol=1e-6)
+    s4d = S4D(8, d_state=8)
+    s4d_A_(s4d.log_A_real, s4d.A_imag, "inv")
+    torch.testing.assert_close(s4d.A_imag[5].double(), s4d_modes("inv", 8).imag, rtol=1e-6, atol=1e-5)
+
+
+def test_projections_use_timm_helpers():
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    projections_(layer, std=0.02)
+    assert layer[0].weight.abs().max() <= 0.04 + 1e-6 and (layer[0].bias == 0).all()
+    projections_(layer, "lecun")
+    with pytest.raises(ValueError, match="mode"):
+        projections_(layer, "xavier")
+
+
+def _parameters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mixer", ["gla", "s6", ["wla", "la"], ["ssd", "sa"]])
+def test_auto_is_deterministic_and_touches_only_owned_parameters(mixer):
+    torch.manual_seed(0)
+    model = SequenceModel(mixer, d_model=32, n_layers=2, vocab_size=64)
+    model.train()
+    before = _parameters(model)
+    rng_state = torch.get_rng_state()
+    report = ess_init(model, seed=3, verbose=False)
+    assert torch.equal(torch.get_rng_state(), rng_state) and model.training
+    owned = ("A_log", "dt_proj.bias", "dt_bias", "gate.1.bias", "decay_logit", "log_A_real", "A_imag",
+             "log_dt")
+    for name, value in _parameters(model).items():
+        if not any(name.endswith(o) for o in owned):
+            assert torch.equal(value, before[name]), name
+    for entry in report.layers:
+        assert entry.after >= entry.before - 1e-12
+    twin = SequenceModel(mixer, d_model=32, n_layers=2, vocab_size=64)
+    twin.load_state_dict(dict(zip(before, before.values(), strict=True)))
+    ess_init(twin, seed=3, verbose=False)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert "utilization before" in str(report)
+
+
+def test_named_schemes_and_errors():
+    model = SequenceModel(["s4d", "s6"], d_model=16, n_layers=2, vocab_size=32)
+    report = ess_init(model, scheme="s4d_legs", verbose=False)
+    assert report["blocks.0.mixer"].scheme == "s4d_legs"
+    assert report["blocks.1.mixer"].scheme.startswith("unchanged")
+    expected = s4d_modes("legs", 64).imag.float()
+    torch.testing.assert_close(model.mixers[0].A_imag[0], expected)
+    assert set(SCHEMES) >= {"s4d_lin", "s4d_inv", "s4d_real", "s4d_legs", "mamba", "mamba2", "gla",
+                            "retnet", "wla", "la", "default"}
+    with pytest.raises(ValueError, match="scheme must be"):
+        ess_init(model, scheme="xavier", verbose=False)
+    with pytest.raises(ValueError, match="objective"):
+        ess_init(model, objective="loss", verbose=False)
+    with pytest.raises(ValueError, match="no mixer ess_init recognises"):
+        ess_init(torch.nn.Linear(3, 3), verbose=False)
+    with pytest.raises(ValueError, match="probe"):
+        ess_init(torch.nn.Sequential(SelectiveSSM(8)), verbose=False)
+
+
+def test_custom_probe_candidates_and_verbose(capsys):
+    model = SequenceModel("gla", d_model=32, n_layers=1, vocab_size=64)
+    probe = torch.randint(0, 64, (2, 40))
+    report = ess_init(model, probe=probe, candidates={"gla": [("slow", lambda m, g: gla_gate_(m, 64, 4))]})
+    assert report.layers[0].scheme in ("slow", "unchanged")
+    assert "blocks.0.mixer" in capsys.readouterr().out
+
+
+def test_init_weights_ess_with_timm_named_apply():
+    model = SequenceModel(["s6", "gla"], d_model=16, n_layers=2, vocab_size=32)
+    with torch.no_grad():
+        model.mixers[0].A_log.zero_()
+        model.mixers[1].gate_logit_normalizer = 1.0
+    named_apply(init_weights_ess, model)
+    np.testing.assert_allclose(model.mixers[0].A_log[0].detach().exp().numpy(), np.arange(1, 17), rtol=1e-6)
+    assert model.mixers[1].gate_logit_normalizer == 16.0
+
+
+def test_default_model_is_initialized_quickly():
+    import time
+
+    model = SequenceModel("gla", d_model=64, n_layers=2, vocab_size=256)
+    start = time.perf_counter()
+    ess_init(model, verbose=False)
+    assert time.perf_counter() - start < 10

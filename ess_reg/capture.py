@@ -58,11 +58,13 @@ def find_extractor(module: nn.Module) -> Extractor | None:
 
 def supported_types() -> list[str]:
     """Names of the module types the registry recognises."""
+    _load_integrations()
     return sorted(f"{t.__module__}.{t.__qualname__}" for t in _REGISTRY)
 
 
 def recognised_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules of ``model`` the registry recognises, by name (``""`` for the model itself)."""
+    _load_integrations()
     return {name: m for name, m in model.named_modules() if _entry_for(m) is not None}
 
 
@@ -148,6 +150,15 @@ class _ExtractHook:
             return None
         self.arm.armed = False
         return self.callback(self.name, module, self.entry.extract(module, args, kwargs, output), output)
+
+
+def _load_integrations() -> None:
+    """Register the third-party extractors of packages this process has imported (cheap)."""
+    try:
+        from integrations.third_party import register_available
+    except ImportError:  # the integrations package is optional at runtime
+        return
+    register_available()
 
 
 def _entry_for(module: nn.Module) -> _Entry | None:

@@ -1,0 +1,150 @@
+"""Extractors for real third-party layers: rebuild each layer's output from the captured operator."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from ess_reg import DenseOperator, DiagonalRealization, ESSMetric, ESSRegularizer, capture_operators
+from integrations.third_party import register_available
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _CausalMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        length = x.shape[1]
+        mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+        return self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def test_torch_multihead_attention_rebuilds_its_output():
+    torch.manual_seed(0)
+    model = _CausalMHA().double().eval()
+    x = torch.randn(2, 15, 32, dtype=torch.float64)
+    op = capture_operators(model, x)["attn"]
+    assert isinstance(op, DenseOperator) and op.shape == (2, 4)
+    attn = model.attn
+    v = x @ attn.in_proj_weight[64:].T + attn.in_proj_bias[64:]
+    heads = v.view(2, 15, 4, 8).transpose(1, 2)
+    mixed = (op.dense() @ heads).transpose(1, 2).reshape(2, 15, 32)
+    torch.testing.assert_close(attn.out_proj(mixed), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_bidirectional_multihead_attention_is_rejected_clearly():
+    attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(1, 6, 16)
+    with pytest.raises(ValueError, match="not causal"):
+        capture_operators(_Call(attn), x)
+
+
+class _Call(nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+def test_timm_attention_when_causal():
+    from timm.layers import Attention
+
+    torch.manual_seed(1)
+    attn = Attention(32, num_heads=4, qkv_bias=True).double().eval()
+    attn.fused_attn = False
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x, is_causal=True)
+
+    model = Causal()
+    op = capture_operators(model, x)["attn"]
+    qkv = attn.qkv(x).reshape(2, 12, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    mixed = (op.dense() @ qkv[2]).transpose(1, 2).reshape(2, 12, 32)
+    torch.testing.assert_close(attn.proj(mixed), model(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="bidirectional"):
+        capture_operators(attn, x)
+    attn.ess_causal = True
+    assert capture_operators(attn, x)[""].shape == (2, 4)
+
+
+def _hf_mamba():
+    from transformers import MambaConfig, MambaModel
+
+    torch.manual_seed(0)
+    config = MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=50, expand=2)
+    return MambaModel(config).double().eval()
+
+
+def test_transformers_mamba_rebuilds_the_input_of_out_proj():
+    from integrations.third_party.hf_transformers import mamba_inner_input
+
+    warnings.filterwarnings("ignore")
+    model = _hf_mamba()
+    ids = torch.randint(0, 50, (2, 21), generator=torch.Generator().manual_seed(2))
+    keep = {}
+    mixer = model.layers[1].mixer
+    mixer.out_proj.register_forward_pre_hook(lambda m, a: keep.__setitem__("y", a[0]))
+    mixer.register_forward_pre_hook(
+        lambda m, a, k: keep.__setitem__("x", a[0] if a else k["hidden_states"]), with_kwargs=True)
+    operators = capture_operators(model, ids)
+    assert list(operators) == ["layers.0.mixer", "layers.1.mixer"]
+    op = operators["layers.1.mixer"]
+    assert isinstance(op, DiagonalRealization) and op.state_size == 8 and op.shape == (2, 64)
+    u = mamba_inner_input(mixer, keep["x"])
+    y = (op.dense() @ u)[..., 0] + mixer.D[None, :, None] * u[..., 0]
+    gate = mixer.in_proj(keep["x"]).transpose(1, 2).chunk(2, dim=1)[1]
+    y = y * torch.nn.functional.silu(gate)
+    torch.testing.assert_close(y.transpose(1, 2), keep["y"], rtol=1e-6, atol=1e-7)
+
+
+def test_transformers_eager_attention_and_regularizer_metric():
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=50, intermediate_size=64)
+    model = LlamaModel(config).eval()
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(0, 50, (2, 16))
+    operators = capture_operators(model, ids)
+    reference = model(ids, output_attentions=True).attentions
+    for k, name in enumerate(["layers.0.self_attn", "layers.1.self_attn"]):
+        torch.testing.assert_close(operators[name].dense(), reference[k])
+    metric = ESSMetric()
+    metric.update(operators)
+    assert "layers.0.self_attn/ess" in metric.compute()
+    reg = ESSRegularizer(model, splits=4)
+    model.train()
+    model(ids).last_hidden_state.sum().mul(0).add(reg()).backward()
+    assert model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_sdpa_attention_gives_a_clear_error():
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=50, intermediate_size=64)
+    model = LlamaModel(config).eval()
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        capture_operators(model, torch.randint(0, 50, (1, 8)))
+
+
+def test_register_available_is_idempotent():
+    register_available(only_imported=False)
+    assert register_available(only_imported=False) == []

@@ -1,0 +1,151 @@
+"""Framework integrations, run against the real packages (tiny models, CPU, no downloads)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ess_reg import ESSOptimizer
+from ess_reg.models import SequenceModel
+from ess_reg.tasks import MQAR, loss_fn
+from integrations._requires import require
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+
+def test_missing_package_message():
+    with pytest.raises(ImportError, match=r"pip install 'ess-reg\[extra\]'"):
+        require("surely_not_a_package_xyz", "extra")
+
+
+def test_lightning_callback_logs_and_owns_the_regularizer(tmp_path):
+    import lightning as L
+
+    from integrations.lightning import ESSCallback
+
+    task = MQAR(32, 16, 2, 32, seed=0)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = SequenceModel("gla", d_model=16, n_layers=1, vocab_size=32)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return loss_fn(self(x), y) + self.ess_reg()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    callback = ESSCallback(log_every_n_steps=2, regularizer={"weight": 0.1, "splits": 3})
+    trainer = L.Trainer(max_steps=4, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=str(tmp_path))
+    module = Module()
+    trainer.fit(module, DataLoader(TensorDataset(task.inputs, task.targets), batch_size=8))
+    assert "ess/model.blocks.0.mixer/ess" in callback.last
+    assert "ess/model.blocks.0.mixer/ess" in trainer.callback_metrics
+    assert not hasattr(module, "ess_reg") and callback.regularizer is None  # torn down
+    assert not any(m._forward_hooks for m in module.modules())
+
+
+def test_lightning_with_ess_optimizer(tmp_path):
+    import lightning as L
+
+    from ess_reg import ESSRegularizer
+
+    task = MQAR(16, 16, 2, 32, seed=0)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = SequenceModel("gla", d_model=16, n_layers=1, vocab_size=32)
+
+        def training_step(self, batch, batch_idx):
+            return loss_fn(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            reg = ESSRegularizer(self.model, weight=0.1, splits=3)
+            return ESSOptimizer(torch.optim.SGD(self.parameters(), lr=0.1), reg)
+
+    module = Module()
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, DataLoader(TensorDataset(task.inputs, task.targets), batch_size=8))
+    assert trainer.optimizers[0].regularizer.step_count == 3
+
+
+def test_hf_trainer_with_mixin_and_callback(tmp_path):
+    from transformers import MambaConfig, MambaForCausalLM, Trainer, TrainingArguments
+
+    from integrations.hf import ESSTrainerCallback, ESSTrainerMixin
+
+    torch.manual_seed(0)
+    config = MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=64, expand=2)
+    model = MambaForCausalLM(config)
+    ids = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(0))
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    class ESSTrainer(ESSTrainerMixin, Trainer):
+        pass
+
+    callback = ESSTrainerCallback(probe=ids[:2], log_every_n_steps=2)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = ESSTrainer(model=model, args=args, train_dataset=Data(),
+                         ess_regularizer={"weight": 0.1, "splits": 4}, callbacks=[callback])
+    trainer.train()
+    assert len(trainer.ess_penalties) == 4 and all(p > 0 for p in trainer.ess_penalties)
+    logged = [entry for entry in trainer.state.log_history if "ess/backbone.layers.0.mixer/ess" in entry]
+    assert logged and "ess/ess/total" in logged[0]
+
+
+def test_timm_optimizer_and_named_apply_init():
+    from integrations.timm import create_ess_optimizer, init_ess_
+
+    model = SequenceModel(["s6", "gla"], d_model=16, n_layers=2, vocab_size=32)
+    opt = create_ess_optimizer(model, {"weight": 0.1, "splits": 3}, opt="adamw", lr=1e-3,
+                               weight_decay=0.05)
+    assert isinstance(opt, ESSOptimizer)
+    decays = sorted({g["weight_decay"] for g in opt.param_groups})
+    assert decays == [0.0, 0.05]  # timm's groups: no decay on biases and norms
+    loss_fn(model(torch.randint(0, 32, (2, 12))), torch.randint(0, 32, (2, 12))).backward()
+    opt.step()
+    with torch.no_grad():
+        model.mixers[0].A_log.zero_()
+    init_ess_(model)
+    assert torch.allclose(model.mixers[0].A_log[0].exp(), torch.arange(1.0, 17.0))
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_pytorch_optimizer_create_optimizer(lookahead):
+    from pytorch_optimizer import Lookahead
+
+    from integrations.pytorch_optimizer import create_optimizer, get_supported_optimizers
+
+    model = SequenceModel("gla", d_model=16, n_layers=1, vocab_size=32)
+    opt = create_optimizer(model, "adamp", lr=1e-3, use_lookahead=lookahead,
+                           ess={"weight": 0.1, "splits": 3})
+    assert isinstance(opt, ESSOptimizer)
+    assert isinstance(opt.optimizer, Lookahead) == lookahead
+    loss_fn(model(torch.randint(0, 32, (2, 12))), torch.randint(0, 32, (2, 12))).backward()
+    opt.step()
+    assert opt.regularizer.step_count == 1
+    assert "adamp" in get_supported_optimizers("adam*")
+    assert not isinstance(create_optimizer(model, "adamw"), ESSOptimizer)

@@ -82,7 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random splits per step for the ESS regularizer")
 
     analyze = commands.add_parser("analyze", help="per-layer ESS table of a trained run")
-    analyze.add_argument("run", help="run folder or checkpoint.pt written by 'ess-reg train'")
+    analyze.add_argument("run", nargs="?", help="run folder or checkpoint.pt written by 'ess-reg train'")
+    analyze.add_argument("--hf", metavar="CONFIG_OR_PATH",
+                         help="analyze a transformers model from a local folder (config.json, with or "
+                              "without weights; nothing is downloaded) instead of a run")
+    analyze.add_argument("--ids", help="--hf: comma-separated token ids of one input sequence")
+    analyze.add_argument("--text", help="--hf: a text file, tokenized with the folder's tokenizer")
+    analyze.add_argument("--seq-len", type=_positive, default=64,
+                         help="--hf: length of the random token sequences used without --ids/--text")
     analyze.add_argument("--examples", type=_positive, default=32, help="fresh task inputs to analyse")
     analyze.add_argument("--splits", type=_positive, default=None, help="evenly spaced splits (default all)")
     analyze.add_argument("--seed", type=int, default=12345, help="seed of the fresh inputs")
@@ -113,6 +120,11 @@ def _analyze(args: argparse.Namespace) -> None:
     from ess_reg.analysis import format_reports, layer_report
     from ess_reg.training import load_run, make_task, save_curve_plot
 
+    if args.hf:
+        _analyze_hf(args)
+        return
+    if args.run is None:
+        raise ValueError("pass a run folder (or --hf CONFIG_OR_PATH)")
     model, config = load_run(args.run, args.device)
     task = make_task(config, args.examples, seed=args.seed)
     reports = layer_report(model, task.inputs.to(args.device), config, splits=args.splits)
@@ -122,6 +134,39 @@ def _analyze(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
     path = save_curve_plot(reports, out / "analyze_ess_curves.png", config.seq_len,
                            f"ESS on fresh inputs ({config.mixer}, {config.task})")
+    print(f"curve plot: {path}")
+
+
+def _analyze_hf(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from ess_reg.analysis import format_reports, layer_report
+    from ess_reg.training import save_curve_plot
+    from integrations.hf_models import load_local_model, tokenize
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model, source = load_local_model(args.hf)
+    if args.ids:
+        try:
+            ids = torch.tensor([[int(t) for t in args.ids.split(",")]])
+        except ValueError:
+            raise ValueError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    elif args.text:
+        ids = tokenize(args.hf, args.text)
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, model.config.vocab_size, (args.examples, args.seq_len), generator=g)
+    if ids.shape[-1] < 2:
+        raise ValueError("the input needs at least 2 tokens")
+    reports = layer_report(model.to(args.device), ids.to(args.device), splits=args.splits)
+    print(f"{type(model).__name__} from {args.hf} ({source}), input {tuple(ids.shape)}")
+    print(format_reports(reports))
+    folder = Path(args.hf) if Path(args.hf).is_dir() else Path(args.hf).parent
+    out = Path(args.out) if args.out else folder
+    path = save_curve_plot(reports, out / "ess_curves.png", ids.shape[-1],
+                           f"ESS of {type(model).__name__}")
     print(f"curve plot: {path}")
 
 
@@ -140,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"train": _train, "analyze": _analyze, "showcase": _showcase}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, OSError) as error:
         print(f"ess-reg: error: {error}", file=sys.stderr)
         return 2
     return 0

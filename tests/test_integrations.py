@@ -149,3 +149,23 @@ def test_pytorch_optimizer_create_optimizer(lookahead):
     assert opt.regularizer.step_count == 1
     assert "adamp" in get_supported_optimizers("adam*")
     assert not isinstance(create_optimizer(model, "adamw"), ESSOptimizer)
+
+
+def test_analyze_hf_local_config(tmp_path, capsys):
+    from transformers import LlamaConfig, MambaConfig
+
+    from ess_reg.cli import main
+
+    LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                vocab_size=50, intermediate_size=64).save_pretrained(tmp_path / "llama")
+    assert main(["analyze", "--hf", str(tmp_path / "llama"), "--examples", "2", "--seq-len", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.1.self_attn" in out and "random weights" in out
+    assert (tmp_path / "llama" / "ess_curves.png").exists()
+    MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=1, vocab_size=50).save_pretrained(
+        tmp_path / "mamba")
+    assert main(["analyze", "--hf", str(tmp_path / "mamba" / "config.json"), "--ids", "1,2,3,4,5,6"]) == 0
+    assert "layers.0.mixer" in capsys.readouterr().out
+    assert main(["analyze", "--hf", str(tmp_path / "nothing")]) == 2
+    assert main(["analyze", "--hf", str(tmp_path / "mamba"), "--ids", "1,x"]) == 2
+    assert main(["analyze", "--hf", str(tmp_path / "mamba"), "--text", str(tmp_path / "t.txt")]) == 2

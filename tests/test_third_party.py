@@ -148,3 +148,45 @@ def test_sdpa_attention_gives_a_clear_error():
 def test_register_available_is_idempotent():
     register_available(only_imported=False)
     assert register_available(only_imported=False) == []
+
+
+def test_transformers_mamba2_rebuilds_the_input_of_the_gated_norm():
+    from transformers import Mamba2Config, Mamba2Model
+
+    from integrations.third_party.hf_transformers import mamba2_features
+
+    torch.manual_seed(0)
+    config = Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=2,
+                          num_hidden_layers=1, vocab_size=50, expand=2, chunk_size=8)
+    model = Mamba2Model(config).double().eval()
+    mixer = model.layers[0].mixer
+    keep = {}
+    mixer.norm.register_forward_pre_hook(lambda m, a: keep.__setitem__("y", a[0]))
+    mixer.register_forward_pre_hook(
+        lambda m, a, k: keep.__setitem__("x", a[0] if a else k["hidden_states"]), with_kwargs=True)
+    ids = torch.randint(0, 50, (2, 19), generator=torch.Generator().manual_seed(1))
+    op = capture_operators(model, ids)["layers.0.mixer"]
+    assert op.shape == (2, 8) and op.state_size == 8 and op.log_decay.shape[-1] == 1
+    u = mamba2_features(mixer, keep["x"])[0]
+    y = op.dense() @ u + mixer.D[None, :, None, None] * u
+    y = y.transpose(1, 2).reshape(2, 19, -1)
+    torch.testing.assert_close(y, keep["y"].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_mambapy_block_rebuilds_the_input_of_out_proj():
+    pytest.importorskip("mambapy")
+    from mambapy.mamba import MambaBlock, MambaConfig
+
+    from integrations.third_party.mambapy_blocks import mambapy_inner_input
+
+    register_available(only_imported=False)
+    torch.manual_seed(0)
+    block = MambaBlock(MambaConfig(d_model=16, n_layers=1, d_state=8, pscan=True)).double().eval()
+    x = torch.randn(2, 21, 16, dtype=torch.float64)
+    keep = {}
+    block.out_proj.register_forward_pre_hook(lambda m, a: keep.__setitem__("y", a[0]))
+    op = capture_operators(block, x)[""]
+    u = mambapy_inner_input(block, x).transpose(1, 2)[..., None]  # [B, D, L, 1]
+    y = (op.dense() @ u + block.D[None, :, None, None] * u)[..., 0].transpose(1, 2)
+    z = block.in_proj(x).chunk(2, dim=-1)[1]
+    torch.testing.assert_close(y * torch.nn.functional.silu(z), keep["y"], rtol=1e-6, atol=1e-6)

@@ -19,8 +19,8 @@ _DONE: set[str] = set()
 
 
 def register_available(*, only_imported: bool = True) -> list[str]:
-    """Register extractors for torch, timm and (when imported or ``only_imported=False``)
-    transformers. Returns what was registered by this call."""
+    """Register extractors for torch, timm and (when imported, or when ``only_imported=False``
+    and installed) transformers and mambapy. Returns what was registered by this call."""
     from ess_reg.capture import register_extractor
 
     added = []
@@ -35,10 +35,26 @@ def register_available(*, only_imported: bool = True) -> list[str]:
         _DONE.add("timm")
         added.append("timm.layers.Attention")
     if "transformers" not in _DONE and (not only_imported or "transformers" in sys.modules):
-        from integrations.third_party import hf_transformers
+        try:
+            from integrations.third_party import hf_transformers
+        except ImportError:  # transformers not installed
+            _DONE.add("transformers")
+            return added
 
         added += hf_transformers.register(register_extractor)
         _DONE.add("transformers")
+    if "mambapy" not in _DONE and (not only_imported or "mambapy" in sys.modules):
+        try:
+            from mambapy.mamba import MambaBlock
+        except ImportError:
+            if not only_imported:
+                _DONE.add("mambapy")
+        else:
+            from integrations.third_party.mambapy_blocks import mambapy_block_operator
+
+            register_extractor(MambaBlock, mambapy_block_operator)
+            _DONE.add("mambapy")
+            added.append("mambapy.mamba.MambaBlock")
     return added
 
 

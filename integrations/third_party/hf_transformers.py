@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ess_reg.operators import DenseOperator, DiagonalRealization
+from integrations.third_party._selective import depthwise_causal_conv, selective_operator
 
 #: (module path, class name) of attention modules that return ``(output, weights)``.
 ATTENTION_CLASSES = (
@@ -43,33 +44,47 @@ def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRea
     ``dt_proj`` are applied through their weights in transformers 5, so no hook of theirs fires)."""
     hidden = _hidden_states(args, kwargs)
     mask = kwargs.get("attention_mask")
+    u = mamba_inner_input(module, hidden, mask)[..., 0].transpose(1, 2)  # [B, L, D]
+    return selective_operator(u, module.x_proj, module.dt_proj.weight, module.dt_proj.bias,
+                              module.A_log, module.time_step_rank, module.ssm_state_size)
+
+
+def mamba_inner_input(module: nn.Module, hidden: torch.Tensor, mask=None) -> torch.Tensor:
+    """``u`` (after conv and activation) for a ``MambaMixer`` input: ``[B, D, L, 1]``."""
     if mask is not None:
         hidden = hidden * mask[:, :, None].to(hidden.dtype)
-    projected = module.in_proj(hidden).transpose(1, 2)
-    x, _ = projected.chunk(2, dim=1)
-    length = x.shape[-1]
-    x = F.conv1d(x, module.conv1d.weight, module.conv1d.bias, padding=module.conv1d.padding[0],
-                 groups=module.intermediate_size)[..., :length]
-    u = module.act(x).transpose(1, 2)  # [B, L, D]
+    x, _ = module.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+    u = module.act(depthwise_causal_conv(x, module.conv1d))
     if mask is not None:
-        u = u * mask[:, :, None].to(u.dtype)
-    step, B, C = torch.split(module.x_proj(u),
-                             [module.time_step_rank, module.ssm_state_size, module.ssm_state_size], dim=-1)
-    dt = F.softplus(step @ module.dt_proj.weight.T + module.dt_proj.bias)  # [B, L, D]
-    A = -torch.exp(module.A_log.float()).to(dt.dtype)  # [D, N]
-    dt = dt.transpose(1, 2)[..., None]  # [B, D, L, 1]
-    shape = (hidden.shape[0], module.intermediate_size, length, module.ssm_state_size)
-    return DiagonalRealization(C[:, None].expand(shape), dt * B[:, None], dt * A[None, :, None, :])
+        u = u * mask[:, None, :].to(u.dtype)
+    return u[..., None]
 
 
-def mamba_inner_input(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``u`` (after conv and activation) for a ``MambaMixer`` input: ``[B, D, L, 1]``."""
-    projected = module.in_proj(hidden).transpose(1, 2)
-    x, _ = projected.chunk(2, dim=1)
-    length = x.shape[-1]
-    x = F.conv1d(x, module.conv1d.weight, module.conv1d.bias, padding=module.conv1d.padding[0],
-                 groups=module.intermediate_size)[..., :length]
-    return module.act(x)[..., None]
+def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization:
+    """Mamba-2 ``Mamba2Mixer``: per head ``h``,
+    ``T_h[i, j] = (C_i . B_j) exp(a_h sum dt) dt_{j,h}`` with ``B``, ``C`` of the head's group
+    (scalar decay ``[B, H, L, 1]``; the ``D`` skip and the gated norm are outside ``T``)."""
+    hidden = _hidden_states(args, kwargs)
+    u, B, C, dt = mamba2_features(module, hidden)
+    a = -torch.exp(module.A_log.float()).to(dt.dtype)
+    return DiagonalRealization(C, dt * B, dt * a[None, :, None, None])
+
+
+def mamba2_features(module: nn.Module, hidden: torch.Tensor):
+    """``u [B, H, L, P]``, ``B``, ``C`` ``[B, H, L, N]`` and ``dt [B, H, L, 1]`` of a Mamba-2 input."""
+    batch, length, _ = hidden.shape
+    _, xbc, dt = module.in_proj(hidden).split(
+        [module.intermediate_size, module.conv_dim, module.num_heads], dim=-1)
+    xbc = module.act(depthwise_causal_conv(xbc.transpose(1, 2), module.conv1d)).transpose(1, 2)
+    x, B, C = torch.split(xbc, [module.intermediate_size, module.n_groups * module.ssm_state_size,
+                                module.n_groups * module.ssm_state_size], dim=-1)
+    repeat = module.num_heads // module.n_groups
+    B = B.view(batch, length, module.n_groups, -1).repeat_interleave(repeat, dim=2).transpose(1, 2)
+    C = C.view(batch, length, module.n_groups, -1).repeat_interleave(repeat, dim=2).transpose(1, 2)
+    low, high = module.time_step_limit
+    dt = F.softplus(dt + module.dt_bias).clamp(low, high).transpose(1, 2)[..., None]
+    u = x.view(batch, length, module.num_heads, module.head_dim).transpose(1, 2)
+    return u, B, C, dt
 
 
 def attention_weights_operator(module: nn.Module, args, kwargs, output) -> DenseOperator:
@@ -93,6 +108,13 @@ def register(register_extractor) -> list[str]:
 
         register_extractor(MambaMixer, mamba_mixer_operator)
         done.append("MambaMixer")
+    except ImportError:  # pragma: no cover - depends on the installed version
+        pass
+    try:
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+        register_extractor(Mamba2Mixer, mamba2_mixer_operator)
+        done.append("Mamba2Mixer")
     except ImportError:  # pragma: no cover - depends on the installed version
         pass
     for path, name in ATTENTION_CLASSES:

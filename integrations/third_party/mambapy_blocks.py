@@ -1,0 +1,27 @@
+"""mambapy's ``MambaBlock`` (Mamba-1 in pure PyTorch)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from ess_reg.operators import DiagonalRealization
+from integrations.third_party._selective import depthwise_causal_conv, selective_operator
+
+
+def mambapy_block_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization:
+    """Rebuilt from the block's input: ``u = silu(conv(in_proj(x)[:D]))``; ``dt_proj`` is applied
+    through its weight in mambapy, so ``dt`` is recomputed (the ``D`` skip and gate are outside T)."""
+    return mambapy_operator_from_input(module, args[0] if args else kwargs["x"])
+
+
+def mambapy_inner_input(module: nn.Module, x):
+    """``u: [B, L, D]`` for a block input ``x: [B, L, d_model]``."""
+    xs, _ = module.in_proj(x).chunk(2, dim=-1)
+    return F.silu(depthwise_causal_conv(xs.transpose(1, 2), module.conv1d)).transpose(1, 2)
+
+
+def mambapy_operator_from_input(module: nn.Module, x) -> DiagonalRealization:
+    config = module.config
+    return selective_operator(mambapy_inner_input(module, x), module.x_proj, module.dt_proj.weight,
+                              module.dt_proj.bias, module.A_log, config.dt_rank, config.d_state)

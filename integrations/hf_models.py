@@ -39,5 +39,6 @@ def tokenize(path: str | Path, text_file: str | Path) -> torch.Tensor:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"--text needs a tokenizer saved in {folder} ({error}); pass --ids instead") from None
+        raise ValueError(
+            f"--text needs a tokenizer saved in {folder} ({error}); pass --ids instead") from None
     return tokenizer(text, return_tensors="pt")["input_ids"]

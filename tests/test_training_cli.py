@@ -53,7 +53,7 @@ def test_cli_train_then_analyze(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv",
     [["train", "--steps", "0"], ["train", "--task", "sorting"], ["train", "--lr", "abc"],
-     ["analyze"], ["train", "--d-model", "x"]],
+     ["train", "--d-model", "x"]],
 )
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -66,6 +66,7 @@ def test_bad_arguments_exit_2(argv, capsys):
 def test_bad_values_exit_2_without_traceback(tmp_path, capsys):
     assert main(["train", "--mixer", "lstm", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert main(["analyze", str(tmp_path / "missing")]) == 2
+    assert main(["analyze"]) == 2
     assert main(["train", "--seq-len", "15", "--out", str(tmp_path / "y"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "unknown mixer" in err and "no checkpoint" in err and "even" in err

@@ -65,7 +65,7 @@ def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRe
     ``T_h[i, j] = (C_i . B_j) exp(a_h sum dt) dt_{j,h}`` with ``B``, ``C`` of the head's group
     (scalar decay ``[B, H, L, 1]``; the ``D`` skip and the gated norm are outside ``T``)."""
     hidden = _hidden_states(args, kwargs)
-    u, B, C, dt = mamba2_features(module, hidden)
+    _, B, C, dt = mamba2_features(module, hidden)
     a = -torch.exp(module.A_log.float()).to(dt.dtype)
     return DiagonalRealization(C, dt * B, dt * a[None, :, None, None])
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ess_reg._table import format_table
 from ess_reg.capture import capture_operators
 from ess_reg.functional import (
     entropy_ess,
@@ -94,10 +95,7 @@ def format_reports(reports: list[LayerReport]) -> str:
          f"{r.utilization:.3f}", "-" if r.ess_per_kv is None else f"{r.ess_per_kv:.2f}")
         for r in reports
     ]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), "  ".join("-" * w for w in widths),
-                      *(fmt.format(*row) for row in rows)])
+    return format_table(header, rows)
 
 
 @dataclass

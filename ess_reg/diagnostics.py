@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ess_reg._table import format_table
 from ess_reg.functional.summary import ess_summary
 from ess_reg.operators import Operator
 
@@ -56,11 +57,8 @@ class Diagnosis:
         rows = [(d.layer, d.status, f"{d.utilization:.3f}",
                  "-" if d.ess is None else f"{d.ess:.2f}", "-" if d.tss is None else f"{d.tss:g}")
                 for d in self.layers]
-        widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*header), "  ".join("-" * w for w in widths), *(fmt.format(*r) for r in rows)]
-        lines.append(f"(saturated: utilization >= {self.saturated_at}; collapsed: < {self.collapsed_below})")
-        return "\n".join(lines)
+        legend = f"(saturated: utilization >= {self.saturated_at}; collapsed: < {self.collapsed_below})"
+        return format_table(header, rows) + "\n" + legend
 
 
 def diagnose(

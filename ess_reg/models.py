@@ -10,16 +10,7 @@ import torch
 from torch import nn
 
 from ess_reg.mixers import MIXERS, SequenceMixer
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+from ess_reg.mixers._kernels import HeadRMSNorm as RMSNorm
 
 
 class Block(nn.Module):

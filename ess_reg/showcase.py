@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ess_reg._table import format_table as _format_table
 from ess_reg.functional import (
     entropy_ess,
     resolve_method,
@@ -92,7 +93,4 @@ def format_table(rows: list[ShowcaseRow]) -> str:
          f"{r.tolerance_ess:.2f}", f"{r.utilization:.3f}", f"{r.seconds * 1e3:.0f} ms")
         for r in rows
     ]
-    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt.format(*header), rule, *(fmt.format(*line) for line in lines)])
+    return _format_table(header, lines)

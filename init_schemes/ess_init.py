@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ess_reg._table import format_table
 from ess_reg.capture import hook_operators, recognised_modules, supported_types
 from ess_reg.functional.summary import ess_summary
 from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
@@ -46,10 +47,7 @@ class InitReport:
     def __str__(self) -> str:
         header = ("layer", "mixer", "scheme", f"{self.objective} before", f"{self.objective} after")
         rows = [(e.layer, e.mixer, e.scheme, f"{e.before:.3f}", f"{e.after:.3f}") for e in self.layers]
-        widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        return "\n".join([fmt.format(*header), "  ".join("-" * w for w in widths),
-                          *(fmt.format(*r) for r in rows)])
+        return format_table(header, rows)
 
 
 def ess_init(

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from ess_reg.mixers.attention import SoftmaxAttention
-from ess_reg.mixers.base import MixerTrace, SequenceMixer
+from ess_reg.mixers.base import MixerTrace, RealizationMixer, SequenceMixer
 from ess_reg.mixers.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
 from ess_reg.mixers.gla import GatedLinearAttention
 from ess_reg.mixers.hyena import Hyena
@@ -31,6 +31,7 @@ __all__ = [
     "Hyena",
     "LinearAttention",
     "MixerTrace",
+    "RealizationMixer",
     "SelectiveSSM",
     "SequenceMixer",
     "SoftmaxAttention",

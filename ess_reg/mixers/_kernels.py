@@ -82,7 +82,7 @@ class ShortConv(nn.Module):
 
 
 class HeadRMSNorm(nn.Module):
-    """RMSNorm over the last dim with a learned scale (per-head output norm)."""
+    """RMSNorm over the last dim with a learned scale (per-head output norms, block norms)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()

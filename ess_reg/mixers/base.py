@@ -117,3 +117,25 @@ def _check_input(x: torch.Tensor, mixer: nn.Module) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or (d_model and x.shape[-1] != d_model):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{type(mixer).__name__} expects x of shape [B, L, {d_model}], got {shape}")
+
+
+class RealizationMixer(SequenceMixer):
+    """A mixer whose features hold a diagonal realization: ``c``, ``b`` ``[B, C, L, N]`` and an
+    optional ``log_decay`` (``[B, C, L, N]`` or ``[B, C, L, 1]``); the chunked scan is its mix."""
+
+    has_transition = True
+
+    def mix(self, features: dict[str, Any]) -> torch.Tensor:
+        from ess_reg.mixers._kernels import diagonal_scan
+
+        return diagonal_scan(features["c"], features["b"], features.get("log_decay"), features["u"])
+
+    def build_operator(self, features: dict[str, Any]) -> Operator:
+        from ess_reg.operators import DiagonalRealization
+
+        return DiagonalRealization(features["c"], features["b"], features.get("log_decay"),
+                                   validate=False)
+
+    def transition_from_features(self, features: dict[str, Any]) -> torch.Tensor:
+        log_decay = features.get("log_decay")
+        return torch.ones_like(features["b"]) if log_decay is None else torch.exp(log_decay)

@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ess_reg.mixers._kernels import HeadRMSNorm, ShortConv, diagonal_scan, merge_heads, split_heads
-from ess_reg.mixers.base import SequenceMixer
-from ess_reg.operators import DiagonalRealization
+from ess_reg.mixers._kernels import HeadRMSNorm, ShortConv, merge_heads, split_heads
+from ess_reg.mixers.base import RealizationMixer
 
 
-class GatedLinearAttention(SequenceMixer):
+class GatedLinearAttention(RealizationMixer):
     """GLA (Yang et al.): ``S_t = diag(alpha_t) S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t / sqrt(K)``.
 
     ``log alpha_t = logsigmoid(W_2 W_1 x_t + b) / gate_logit_normalizer`` (low-rank gate, default
@@ -20,7 +19,6 @@ class GatedLinearAttention(SequenceMixer):
     """
 
     name = "gla"
-    has_transition = True
 
     def __init__(
         self,
@@ -75,14 +73,8 @@ class GatedLinearAttention(SequenceMixer):
             "gate": self.g(x),
         }
 
-    def mix(self, f):
-        return diagonal_scan(f["c"], f["b"], f["log_decay"], f["u"])
 
-    def build_operator(self, f):
-        return DiagonalRealization(f["c"], f["b"], f["log_decay"], validate=False)
 
-    def transition_from_features(self, f):
-        return torch.exp(f["log_decay"])
 
     def readout(self, f, y):
         return self.out(merge_heads(self.norm(y)) * F.silu(f["gate"]))

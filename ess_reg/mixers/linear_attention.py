@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ess_reg.mixers._kernels import HeadRMSNorm, ShortConv, diagonal_scan, merge_heads, split_heads
-from ess_reg.mixers.base import SequenceMixer
+from ess_reg.mixers._kernels import HeadRMSNorm, ShortConv, merge_heads, split_heads
+from ess_reg.mixers.base import RealizationMixer
 from ess_reg.mixers.feature_maps import make_feature_map
-from ess_reg.operators import DiagonalRealization
 
 
-class LinearAttention(SequenceMixer):
+class LinearAttention(RealizationMixer):
     """``S_i = S_{i-1} + phi(k_i) v_i^T``, ``y_i = S_i^T phi(q_i) s`` (``A = I``), per head.
 
     ``T_h[i, j] = s phi(q_i) . phi(k_j)`` with ``s = F^{-1/2}``, or, with ``normalize=True``,
@@ -26,7 +25,6 @@ class LinearAttention(SequenceMixer):
     """
 
     name = "la"
-    has_transition = True
 
     def __init__(
         self,
@@ -78,14 +76,8 @@ class LinearAttention(SequenceMixer):
             c = phi_q * phi_q.shape[-1] ** -0.5
         return {"c": c, "b": phi_k, "u": split_heads(v, self.num_heads)}
 
-    def mix(self, f):
-        return diagonal_scan(f["c"], f["b"], None, f["u"])
 
-    def build_operator(self, f):
-        return DiagonalRealization(f["c"], f["b"], validate=False)
 
-    def transition_from_features(self, f):
-        return torch.ones_like(f["b"])
 
     def readout(self, f, y):
         return self.out(merge_heads(self.norm(y)))

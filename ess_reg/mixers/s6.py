@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ess_reg.mixers._kernels import ShortConv, diagonal_scan, inverse_softplus
-from ess_reg.mixers.base import SequenceMixer
-from ess_reg.operators import DiagonalRealization
+from ess_reg.mixers._kernels import ShortConv, inverse_softplus
+from ess_reg.mixers.base import RealizationMixer
 
 
-class SelectiveSSM(SequenceMixer):
+class SelectiveSSM(RealizationMixer):
     """Mamba-1 / S6 block: per channel ``d`` of ``d_inner = expand * d_model``,
 
     ``h_i = exp(dt_{i,d} A_d) h_{i-1} + dt_{i,d} B_i u_{i,d}``, ``y_{i,d} = C_i . h_i + D_d u_{i,d}``,
@@ -25,7 +24,6 @@ class SelectiveSSM(SequenceMixer):
     """
 
     name = "s6"
-    has_transition = True
 
     def __init__(
         self,
@@ -77,14 +75,8 @@ class SelectiveSSM(SequenceMixer):
             "z": z,
         }
 
-    def mix(self, f):
-        return diagonal_scan(f["c"], f["b"], f["log_decay"], f["u"])
 
-    def build_operator(self, f):
-        return DiagonalRealization(f["c"], f["b"], f["log_decay"], validate=False)
 
-    def transition_from_features(self, f):
-        return torch.exp(f["log_decay"])
 
     def readout(self, f, y):
         y = (y + self.D[:, None, None] * f["u"])[..., 0].transpose(1, 2)  # [B, L, D_in]

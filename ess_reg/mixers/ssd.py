@@ -11,16 +11,14 @@ from torch import nn
 from ess_reg.mixers._kernels import (
     HeadRMSNorm,
     ShortConv,
-    diagonal_scan,
-    inverse_softplus,
+        inverse_softplus,
     merge_heads,
     split_heads,
 )
-from ess_reg.mixers.base import SequenceMixer
-from ess_reg.operators import DiagonalRealization
+from ess_reg.mixers.base import RealizationMixer
 
 
-class StateSpaceDuality(SequenceMixer):
+class StateSpaceDuality(RealizationMixer):
     """Mamba-2 block: ``T_h[i, j] = (C_i . B_j) exp(a_h sum_{m=j+1..i} dt_{m,h}) dt_{j,h}``.
 
     ``in_proj`` gives ``z``, ``xBC`` and ``dt``; ``xBC`` passes a causal depthwise conv and SiLU;
@@ -31,7 +29,6 @@ class StateSpaceDuality(SequenceMixer):
     """
 
     name = "ssd"
-    has_transition = True
 
     def __init__(
         self,
@@ -84,14 +81,8 @@ class StateSpaceDuality(SequenceMixer):
             "z": z,
         }
 
-    def mix(self, f):
-        return diagonal_scan(f["c"], f["b"], f["log_decay"], f["u"])
 
-    def build_operator(self, f):
-        return DiagonalRealization(f["c"], f["b"], f["log_decay"], validate=False)
 
-    def transition_from_features(self, f):
-        return torch.exp(f["log_decay"])
 
     def readout(self, f, y):
         y = merge_heads(y + self.D[:, None, None] * f["u"])

@@ -11,16 +11,14 @@ from torch import nn
 from ess_reg.mixers._kernels import (
     HeadRMSNorm,
     ShortConv,
-    diagonal_scan,
-    inverse_softplus,
+        inverse_softplus,
     merge_heads,
     split_heads,
 )
-from ess_reg.mixers.base import SequenceMixer
-from ess_reg.operators import DiagonalRealization
+from ess_reg.mixers.base import RealizationMixer
 
 
-class WeightedLinearAttention(SequenceMixer):
+class WeightedLinearAttention(RealizationMixer):
     """``S_i = diag(a) S_{i-1} + k_i v_i^T``, ``y_i = S_i^T q_i / sqrt(K)``, ``a in (0, 1)^K`` learned.
 
     ``T_h[i, j] = q_i^T diag(a^{i-j}) k_j / sqrt(K)``. The decay ``a = exp(-softplus(w))`` is one
@@ -29,7 +27,6 @@ class WeightedLinearAttention(SequenceMixer):
     """
 
     name = "wla"
-    has_transition = True
 
     def __init__(
         self,
@@ -75,14 +72,8 @@ class WeightedLinearAttention(SequenceMixer):
         return {"c": q * self.key_dim ** -0.5, "b": k, "log_decay": log_decay,
                 "u": split_heads(v, self.num_heads)}
 
-    def mix(self, f):
-        return diagonal_scan(f["c"], f["b"], f["log_decay"], f["u"])
 
-    def build_operator(self, f):
-        return DiagonalRealization(f["c"], f["b"], f["log_decay"], validate=False)
 
-    def transition_from_features(self, f):
-        return torch.exp(f["log_decay"])
 
     def readout(self, f, y):
         return self.out(merge_heads(self.norm(y)))

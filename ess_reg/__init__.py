@@ -10,12 +10,20 @@ from ess_reg.functional import (
     total_ess,
     utilization,
 )
-from ess_reg.metric import ESSMetric
 from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
 from ess_reg.optim import ESSOptimizer
 from ess_reg.regularizer import ESSRegularizer, TransitionPenalty
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ESSMetric pulls in torchmetrics (several seconds to import); load it on first use.
+    if name == "ESSMetric":
+        from ess_reg.metric import ESSMetric
+
+        return ESSMetric
+    raise AttributeError(f"module 'ess_reg' has no attribute {name!r}")
 
 __all__ = [
     "DenseOperator",

@@ -282,7 +282,8 @@ def _rebuild(op: Operator, tensors: list[torch.Tensor]) -> Operator:
         return DenseOperator(tensors[0], validate=False)
     if isinstance(op, DiagonalRealization):
         log_decay = tensors[2] if op.log_decay is not None else None
-        return DiagonalRealization(tensors[0], tensors[1], log_decay, validate=False)
+        return DiagonalRealization(tensors[0], tensors[1], log_decay, state_size=op.state_size,
+                                   validate=False)
     raise TypeError(f"cannot rebuild an operator of type {type(op).__name__}")
 
 

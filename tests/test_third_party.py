@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from ess_reg import DenseOperator, DiagonalRealization, ESSMetric, ESSRegularizer, capture_operators
+from ess_reg import (
+    DenseOperator,
+    DiagonalRealization,
+    ESSMetric,
+    ESSRegularizer,
+    capture_operators,
+    ess_curve,
+)
 from integrations.third_party import register_available
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -190,3 +197,19 @@ def test_mambapy_block_rebuilds_the_input_of_out_proj():
     y = (op.dense() @ u + block.D[None, :, None, None] * u)[..., 0].transpose(1, 2)
     z = block.in_proj(x).chunk(2, dim=-1)[1]
     torch.testing.assert_close(y * torch.nn.functional.silu(z), keep["y"], rtol=1e-6, atol=1e-6)
+
+
+def test_s5_siso_pairs_rebuild_the_output():
+    pytest.importorskip("s5")
+    from s5 import S5
+
+    register_available(only_imported=False)
+    torch.manual_seed(0)
+    layer = S5(width=4, state_width=8)
+    x = torch.randn(2, 11, 4)
+    op = capture_operators(layer, x)[""]
+    assert op.shape == (16,) and op.state_size == 8  # 4 x 4 pairs, 8 modes closed under conjugation
+    assert (ess_curve(op, "tolerance", tol=1e-6) <= 8).all()
+    pairs = op.dense().double().view(4, 4, 11, 11)  # [h_out, h_in, L, L]
+    y = torch.einsum("abij,njb->nia", pairs, x.double()) + layer.seq.D.double() * x.double()
+    torch.testing.assert_close(y, layer(x).double(), rtol=1e-4, atol=1e-5)

@@ -127,3 +127,11 @@ def test_functional_argument_errors():
 def test_split_errors(splits, error, pattern):
     with pytest.raises(error, match=pattern):
         split_singular_values(random_causal(1, 6), splits=splits)
+
+
+def test_state_size_override_is_checked():
+    c, b, ld = random_realization(2, 6, 3, complex_=True)
+    assert DiagonalRealization(c, b, ld, state_size=3).state_size == 3
+    assert DiagonalRealization(c, b, ld, state_size=3).to(torch.complex64).state_size == 3
+    with pytest.raises(ValueError, match=r"state_size must be an int in 1 \.\. 6"):
+        DiagonalRealization(c, b, ld, state_size=7)

@@ -42,6 +42,8 @@ class DiagonalRealization(Operator):
             decay per channel or head, Mamba-2 style) or ``None`` (no decay: linear attention). Its
             real part must be ``<= 0`` (a stable state), up to ``MAX_LOG_DECAY``. An
             input-independent decay ``[C, L, N]`` is shared across the batch of a 4-dim ``c``.
+        state_size: the TSS per channel when it is smaller than the default bound (``N``, or ``2 N``
+            for complex factors), e.g. ``N`` for a complex system closed under conjugation.
         validate: check shapes, finiteness and stability (one host sync per tensor).
     """
 
@@ -51,6 +53,7 @@ class DiagonalRealization(Operator):
         b: torch.Tensor,
         log_decay: torch.Tensor | None = None,
         *,
+        state_size: int | None = None,
         validate: bool = True,
     ) -> None:
         require_tensor(c, "c")
@@ -62,6 +65,11 @@ class DiagonalRealization(Operator):
         if validate:
             _validate(c, b, log_decay)
         self._c, self._b, self._log_decay = c, b, log_decay
+        bound = self.num_modes * (2 if self.is_complex else 1)
+        if state_size is not None and not (isinstance(state_size, int) and 1 <= state_size <= bound):
+            raise ValueError(f"state_size must be an int in 1 .. {bound} (the realization's state), "
+                             f"got {state_size!r}")
+        self._state_size = bound if state_size is None else state_size
 
     # -- stored tensors -------------------------------------------------------------------------
     @property
@@ -111,8 +119,10 @@ class DiagonalRealization(Operator):
 
     @property
     def state_size(self) -> int:
-        """``N`` for a real realization, ``2 N`` for a complex one (the real augmented state)."""
-        return 2 * self.num_modes if self.is_complex else self.num_modes
+        """TSS per channel: ``N`` for a real realization, ``2 N`` for a complex one (the real
+        augmented state), unless given explicitly (e.g. ``N`` for a complex system that keeps both
+        modes of every conjugate pair, as S5 does)."""
+        return self._state_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,7 +137,7 @@ class DiagonalRealization(Operator):
         complex (at the matching precision)."""
         moved = [_move(t, args, kwargs) if t is not None else None
                  for t in (self._c, self._b, self._log_decay)]
-        return DiagonalRealization(*moved, validate=False)
+        return DiagonalRealization(*moved, state_size=self._state_size, validate=False)
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Materialize ``T`` as ``[..., C, L, L]`` (real), masking the future before ``exp``.

@@ -20,7 +20,7 @@ _DONE: set[str] = set()
 
 def register_available(*, only_imported: bool = True) -> list[str]:
     """Register extractors for torch, timm and (when imported, or when ``only_imported=False``
-    and installed) transformers and mambapy. Returns what was registered by this call."""
+    and installed) transformers, mambapy and s5-pytorch. Returns what was registered by this call."""
     from ess_reg.capture import register_extractor
 
     added = []
@@ -55,6 +55,18 @@ def register_available(*, only_imported: bool = True) -> list[str]:
             register_extractor(MambaBlock, mambapy_block_operator)
             _DONE.add("mambapy")
             added.append("mambapy.mamba.MambaBlock")
+    if "s5" not in _DONE and (not only_imported or "s5" in sys.modules):
+        try:
+            from s5 import S5
+        except ImportError:
+            if not only_imported:
+                _DONE.add("s5")
+        else:
+            from integrations.third_party.s5_layers import s5_operator
+
+            register_extractor(S5, s5_operator)
+            _DONE.add("s5")
+            added.append("s5.S5")
     return added
 
 

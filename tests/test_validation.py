@@ -135,3 +135,16 @@ def test_state_size_override_is_checked():
     assert DiagonalRealization(c, b, ld, state_size=3).to(torch.complex64).state_size == 3
     with pytest.raises(ValueError, match=r"state_size must be an int in 1 \.\. 6"):
         DiagonalRealization(c, b, ld, state_size=7)
+
+
+def test_unvalidated_operators_with_nan_are_refused_before_the_svd():
+    c, b, ld = random_realization(1, 8, 2)
+    c[0, 3, 1] = float("nan")
+    op = DiagonalRealization(c, b, ld, validate=False)
+    for method in ("dense", "gramian"):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            ess_curve(op, method=method)
+    matrix = random_causal(1, 6)
+    matrix[0, 4, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ess_curve(DenseOperator(matrix, validate=False))

@@ -56,6 +56,7 @@ def split_singular_values(
     compute = _check_dtype(dtype)
     index = resolve_splits(splits, op.seq_len)
     route = _route(op, index, method)
+    _require_finite_operator(op)
     rank = max_block_rank(index, op.seq_len)
     if op.state_size is not None:
         rank = min(rank, op.state_size)
@@ -174,6 +175,16 @@ def _route(op: Operator, splits: torch.Tensor, method: str) -> str:
     if isinstance(op, DiagonalRealization) and op.state_size < max_block_rank(splits, op.seq_len):
         return "gramian"
     return "dense"
+
+
+def _require_finite_operator(op: Operator) -> None:
+    """NaN/Inf must not reach the SVD (which can return finite garbage for them): one host sync."""
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in op.tensors()]).all()
+    if not bool(finite):
+        raise ValueError(
+            f"the {type(op).__name__} holds NaN or Inf values (a diverged layer?); ESS is undefined "
+            "for it. Check the model's activations, or lower the learning rate"
+        )
 
 
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -22,17 +22,18 @@ SETTING = dict(task="mqar", seq_len=64, kv_pairs=4, vocab_size=256, d_model=64, 
                test_examples=512)
 
 
-def run(mixer: str, seeds: list[int], out: Path) -> None:
+def run(mixer: str, seeds: list[int], out: Path, steps: int) -> None:
     torch.set_num_threads(1)
     results = []
     for seed in seeds:
         for init in ("none", "auto"):
             with tempfile.TemporaryDirectory() as folder:
-                last = train(TrainConfig(mixer=mixer, seed=seed, init=init, out=folder, **SETTING),
+                setting = dict(SETTING, steps=steps, log_every=min(steps, SETTING["log_every"]))
+                last = train(TrainConfig(mixer=mixer, seed=seed, init=init, out=folder, **setting),
                              progress=False)
             utilization = [v for k, v in last["metric"].items()
                            if k.endswith("/utilization") and not k.startswith("ess/")]
-            results.append({"mixer": mixer, "seed": seed, "init": init,
+            results.append({"mixer": mixer, "seed": seed, "init": init, "steps": steps,
                             "accuracy": last["test_accuracy"], "utilization": utilization})
             print(json.dumps(results[-1]), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +52,8 @@ def report(paths: list[Path]) -> None:
             acc = np.array([r["accuracy"] for r in group])
             util = np.array([r["utilization"] for r in group]).mean(0)
             label = "default" if init == "none" else "ess_init(auto)"
-            print(f"| {mixer} | {label} | {acc.mean():.3f} ± {acc.std():.3f} | "
+            steps = group[0].get("steps", SETTING["steps"])
+            print(f"| {mixer} ({steps} steps) | {label} | {acc.mean():.3f} ± {acc.std():.3f} | "
                   f"{', '.join(f'{a:.3f}' for a in acc)} | {', '.join(f'{u:.3f}' for u in util)} |")
 
 
@@ -62,11 +64,12 @@ def main() -> None:
     r.add_argument("--mixer", default="gla")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--steps", type=int, default=SETTING["steps"])
     p = sub.add_parser("report")
     p.add_argument("paths", type=Path, nargs="+")
     args = parser.parse_args()
     if args.command == "run":
-        run(args.mixer, args.seeds, args.out)
+        run(args.mixer, args.seeds, args.out, args.steps)
     else:
         report(args.paths)
 

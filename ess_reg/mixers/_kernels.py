@@ -8,6 +8,8 @@ from torch import nn
 
 #: Element budget of one chunk's decay tensor ``[B, C, K, K, N]`` in the chunked scan.
 _CHUNK_BUDGET = 1 << 22
+#: Below this chunk length the step-by-step recurrence is used instead.
+_MIN_CHUNK = 8
 
 
 def diagonal_scan(
@@ -20,24 +22,28 @@ def diagonal_scan(
     ``[B, C, L, N]``; ``log_decay`` ``[B, C, L, N]``, ``[B, C, L, 1]`` or None; ``u`` ``[B, C, L, P]``.
     Returns ``[B, C, L, P]`` (real).
     """
-    batch, channels, length, n = c.shape
+    batch, channels, _, n = c.shape
     work = c.dtype
     u = u.to(work)
     state = u.new_zeros(batch, channels, n, u.shape[-1])
     diagonal = log_decay is not None and log_decay.shape[-1] > 1
     per_step = batch * channels * (n if diagonal else 1)
     chunk = max(1, min(64, int((_CHUNK_BUDGET / max(1, per_step)) ** 0.5)))
+    if diagonal and chunk < _MIN_CHUNK:  # many channels x states (S6): step by step is cheaper
+        return _recurrent_scan(c, b, log_decay, u)
     outputs = []
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        cc, bb, uu = c[:, :, start:stop], b[:, :, start:stop], u[:, :, start:stop]
-        causal = torch.ones(stop - start, stop - start, dtype=torch.bool, device=c.device).tril()
-        if log_decay is None:
+    # split once: slicing chunk by chunk would make the backward fill full-size zeros per chunk
+    pieces = [t.split(chunk, dim=2) for t in (c, b, u)]
+    decays = log_decay.split(chunk, dim=2) if log_decay is not None else [None] * len(pieces[0])
+    for cc, bb, uu, ld in zip(*pieces, decays, strict=True):
+        size = cc.shape[2]
+        causal = torch.ones(size, size, dtype=torch.bool, device=c.device).tril()
+        if ld is None:
             scores = (cc @ bb.mT).masked_fill(~causal, 0)
             y = scores @ uu + cc @ state
             state = state + bb.mT @ uu
         else:
-            lam = torch.cumsum(log_decay[:, :, start:stop], dim=-2)  # [B, C, K, N or 1]
+            lam = torch.cumsum(ld, dim=-2)  # [B, C, K, N or 1]
             if diagonal:
                 decay = _masked_exp(lam[:, :, :, None, :] - lam[:, :, None, :, :], causal[..., None])
                 scores = torch.einsum("bcin,bcjn,bcijn->bcij", cc, bb, decay)
@@ -49,6 +55,21 @@ def diagonal_scan(
             state = torch.exp(last).mT * state + (bb * torch.exp(last - lam)).mT @ uu
         outputs.append(y)
     y = torch.cat(outputs, dim=-2)
+    return y.real if y.is_complex() else y
+
+
+def _recurrent_scan(
+    c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """The same recurrence one step at a time (state ``[B, C, N, P]``)."""
+    state = u.new_zeros(*c.shape[:2], c.shape[-1], u.shape[-1])
+    outputs = []
+    # unbind once: indexing step by step would make the backward fill a full-size zero tensor per step
+    steps = zip(torch.exp(log_decay).unbind(2), b.unbind(2), u.unbind(2), c.unbind(2), strict=True)
+    for decay, b_t, u_t, c_t in steps:
+        state = decay[..., None] * state + b_t[..., None] * u_t[..., None, :]
+        outputs.append((c_t[..., None] * state).sum(-2))
+    y = torch.stack(outputs, dim=2)
     return y.real if y.is_complex() else y
 
 

@@ -2,18 +2,14 @@
 
 Prints, from one run: the training-step time with no regularizer, with the regularizer as a loss
 term, and attached (gradient injected in the backward pass), 8 sampled splits, batch 32; and the
-peak memory of the forward (plus the penalty, in loss-term mode) in each mode, each measured in its
-own subprocess.
+memory the forward (plus the penalty, in loss-term mode) keeps for the backward in each mode, counted
+exactly through ``torch.autograd.graph.saved_tensors_hooks``.
 
     python benchmarks/bench_regularizer.py
 """
 
 from __future__ import annotations
 
-import json
-import resource
-import subprocess
-import sys
 import time
 
 import torch
@@ -35,7 +31,7 @@ def _setup(mode: str):
     return model, reg, task.inputs, task.targets
 
 
-def step_time(mode: str, repeats: int = 10) -> float:
+def _stepper(mode: str):
     model, reg, x, y = _setup(mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -49,23 +45,22 @@ def step_time(mode: str, repeats: int = 10) -> float:
         if mode == "attach":
             reg.advance()
 
-    step()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats
+    step()  # warm-up
+    return step
 
 
-def forward_peak(mode: str) -> float:
-    """Peak RSS growth (MiB) of one forward (and, in loss-term mode, the penalty's graph), in a
-    fresh process."""
-    model, reg, x, y = _setup(mode)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    loss = loss_fn(model(x), y)
-    if mode == "loss":
-        loss = loss + reg()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak - base) / 1024
+def step_times(modes: tuple[str, ...], rounds: int = 4, repeats: int = 4) -> dict[str, float]:
+    """Seconds per step for each mode: modes interleaved round by round, the best round kept,
+    so that drifts of a noisy machine hit every mode alike."""
+    steppers = {mode: _stepper(mode) for mode in modes}
+    best = {mode: float("inf") for mode in modes}
+    for _ in range(rounds):
+        for mode, step in steppers.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            best[mode] = min(best[mode], (time.perf_counter() - start) / repeats)
+    return best
 
 
 def saved_for_backward(mode: str) -> float:
@@ -87,20 +82,13 @@ def saved_for_backward(mode: str) -> float:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--peak":
-        print(json.dumps(forward_peak(sys.argv[2])))
-        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GLA d_model 64, 2 layers, "
           f"L={LENGTH}, batch {BATCH}, 8 sampled splits")
-    times = {mode: step_time(mode) for mode in ("none", "loss", "attach")}
+    times = step_times(("none", "loss", "attach"))
     for mode, seconds in times.items():
         print(f"step time {mode:6s} {seconds * 1e3:7.1f} ms   ratio {seconds / times['none']:.2f}x")
     for mode in ("none", "loss", "attach"):
-        out = subprocess.run([sys.executable, __file__, "--peak", mode], check=True,
-                             capture_output=True, text=True).stdout
-        peak = json.loads(out.strip().splitlines()[-1])
-        print(f"forward: graph saved for backward {saved_for_backward(mode):7.1f} MiB, "
-              f"peak RSS growth +{peak:7.1f} MiB   ({mode})")
+        print(f"forward: graph saved for backward {saved_for_backward(mode):7.1f} MiB   ({mode})")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: Element budget of one chunk's decay tensor ``[B, C, K, K, N]`` in the chunked scan.
@@ -131,5 +132,8 @@ def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
+def dt_bias_init(size: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """Mamba's ``dt`` bias: ``softplus^-1(dt)``, ``dt`` log-uniform in ``[dt_min, dt_max]``, floored."""
+    span = math.log(dt_max) - math.log(dt_min)
+    dt = torch.exp(torch.rand(size) * span + math.log(dt_min)).clamp_min(floor)
+    return inverse_softplus(dt)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ess_reg.mixers._kernels import ShortConv, inverse_softplus
+from ess_reg.mixers._kernels import ShortConv, dt_bias_init
 from ess_reg.mixers.base import RealizationMixer
 
 
@@ -51,9 +51,7 @@ class SelectiveSSM(RealizationMixer):
         with torch.no_grad():
             bound = self.dt_rank ** -0.5
             self.dt_proj.weight.uniform_(-bound, bound)
-            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
-                           + math.log(dt_min)).clamp_min(dt_init_floor)
-            self.dt_proj.bias.copy_(inverse_softplus(dt))
+            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, dt_min, dt_max, dt_init_floor))
 
     @property
     def state_size(self) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,7 +9,7 @@ from torch import nn
 from ess_reg.mixers._kernels import (
     HeadRMSNorm,
     ShortConv,
-        inverse_softplus,
+    dt_bias_init,
     merge_heads,
     split_heads,
 )
@@ -53,9 +51,7 @@ class StateSpaceDuality(RealizationMixer):
         self.conv = ShortConv(conv_width, d_conv)
         low, high = A_init_range
         self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(low, high)))
-        dt = torch.exp(torch.rand(self.num_heads) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp_min(dt_init_floor)
-        self.dt_bias = nn.Parameter(inverse_softplus(dt))
+        self.dt_bias = nn.Parameter(dt_bias_init(self.num_heads, dt_min, dt_max, dt_init_floor))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = HeadRMSNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 def require_tensor(value: object, name: str) -> torch.Tensor:
     """Return ``value`` if it is a floating or complex tensor, else raise ``TypeError``."""
@@ -58,12 +56,3 @@ def require_finite(value: torch.Tensor, name: str) -> None:
 def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
     """The real dtype matching ``dtype`` (``complex128 -> float64``)."""
     return torch.empty((), dtype=dtype).real.dtype
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 are computed in float32; other dtypes as they are."""
-    if dtype in _LOW_PRECISION:
-        return torch.float32
-    if dtype == torch.complex32:
-        return torch.complex64
-    return dtype

@@ -1,7 +1,10 @@
 """Run independent CPU linear-algebra calls on all cores (private).
 
-LAPACK calls on small matrices (the ``N x N`` factorizations of the Gramian route) run on one core
-each; torch releases the GIL inside them, so a thread pool over independent calls uses every core.
+LAPACK calls on small and medium matrices (the ``N x N`` factorizations of the Gramian route, the
+split blocks of the dense route) barely profit from LAPACK's own threads; torch releases the GIL
+inside them, so a thread pool over independent calls keeps every core busy instead. Each worker
+runs its calls single-threaded (``torch.set_num_threads(1)`` is per thread under OpenMP and MKL),
+so pool and LAPACK never oversubscribe the cores; the caller's own setting is left as it was.
 On accelerators the calls are issued in order on the caller's thread.
 """
 
@@ -17,14 +20,28 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _POOL: ThreadPoolExecutor | None = None
+#: Set when ``torch.set_num_threads`` turned out to be process-wide in this build.
+_SEQUENTIAL = False
+
+
+def _single_threaded_worker() -> None:
+    torch.set_num_threads(1)
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
     """``[fn(x) for x in items]``, spread over ``torch.get_num_threads()`` threads on CPU."""
+    global _POOL, _SEQUENTIAL
     workers = torch.get_num_threads()
-    if device.type != "cpu" or workers < 2 or len(items) < 2:
+    if device.type != "cpu" or workers < 2 or len(items) < 2 or _SEQUENTIAL:
         return [fn(x) for x in items]
-    global _POOL
     if _POOL is None or _POOL._max_workers != workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ess-reg")
-    return list(_POOL.map(fn, items))
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="ess-reg", initializer=_single_threaded_worker
+        )
+    results = list(_POOL.map(fn, items))
+    if torch.get_num_threads() != workers:  # the workers' setting leaked into the caller's thread
+        torch.set_num_threads(workers)
+        _SEQUENTIAL = True
+    return results

@@ -1,20 +1,49 @@
-"""Dense route: singular values of every split block ``T[i:, :i]`` from the materialized ``T``.
+"""Dense route: singular values of every split block ``H_i = T[i:, :i]`` from the materialized ``T``.
 
-Splits are batched, not looped: sorted splits are grouped into buckets of neighbouring indices,
-each bucket's blocks are zero-padded to one common shape (the padding adds only exact zeros to the
-spectrum) and go through one batched ``svdvals`` call. Buckets are sized so that padding costs at
-most ``_PADDING_OVERHEAD`` extra work and each call stays under a memory budget. Cost per channel
-for all splits is ``O(L^4)``; memory ``O(budget)``.
+Three things make it faster than one ``svdvals`` call per split, without giving up exactness:
+
+* **Short side first.** A split past the middle is mirrored: with ``T'[p, q] = T[L-1-q, L-1-p]``
+  (also lower-triangular), ``H_i`` of ``T`` is ``H_{L-i}`` of ``T'`` reversed and transposed, with
+  the same singular values. So every block handled has at most as many columns as rows.
+* **One QR per group of splits.** Sorted splits ``i <= b`` of one group all contain the rows
+  ``T[b:, :i]``, the first ``i`` columns of ``T[b:, :b] = Q R``. Column prefixes keep their
+  triangular factor (``T[b:, :i] = Q R[:, :i]``, and ``R[:, :i]`` has only ``i`` non-zero rows), so
+  ``H_i`` has the singular values of the ``b x i`` stack ``[T[i:b, :i]; R[:i, :i]]`` instead of the
+  ``(L-i) x i`` block. The stacks of a group are zero-padded to ``b x b`` (exact zeros only) and go
+  through one batched ``svdvals`` call.
+* **All cores.** Groups are independent and run on a thread pool, one single-threaded LAPACK call
+  per worker (see ``ess_reg._parallel``).
+
+When gradients are needed, the QR step is skipped (its derivative divides by ``R``'s diagonal,
+which is zero for rank-deficient blocks): the groups' blocks ``T[i:, :i]`` themselves are padded
+and batched, and ``svdvals``' derivative stays finite. Cost per channel for all splits is
+``O(L^4)``; memory ``O(budget)`` per call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-#: A bucket may do at most this factor of the work its blocks need unpadded.
+from ess_reg._parallel import parallel_map
+
+#: A group may do at most this factor of the work its splits need unpadded.
 _PADDING_OVERHEAD = 1.35
+#: At most this many splits share one QR (more gives the thread pool too few tasks).
+_MAX_GROUP = 8
 #: Elements of one padded batch handed to ``svdvals`` (about 256 MB in float64).
 _MEMORY_BUDGET = 1 << 25
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One batched ``svdvals`` call: a group of short-side splits over a slice of matrices."""
+
+    mirrored: bool
+    splits: tuple[int, ...]
+    rows: slice
 
 
 def dense_singular_values(matrix: torch.Tensor, splits: torch.Tensor, rank: int) -> torch.Tensor:
@@ -28,60 +57,113 @@ def dense_singular_values(matrix: torch.Tensor, splits: torch.Tensor, rank: int)
     Returns:
         ``[M, S, R]``; entries past ``min(i, L - i)`` are exactly zero.
     """
-    length = matrix.shape[-1]
+    length, count = matrix.shape[-1], matrix.shape[0]
     unique, inverse = torch.unique(splits, sorted=True, return_inverse=True)
-    pieces = [
-        _bucket_singular_values(matrix, unique[start:stop], rank)
-        for start, stop in _buckets(unique.tolist(), length, matrix.shape[0])
-    ]
-    values = torch.cat(pieces, dim=1)  # [M, U, R] in sorted unique order
+    ordered = unique.tolist()
+    needs_grad = torch.is_grad_enabled() and matrix.requires_grad
+    group_cost = _block_cost if needs_grad else _compressed_cost
+    front = [i for i in ordered if 2 * i <= length]  # short side: columns
+    back = [length - i for i in reversed(ordered) if 2 * i > length]  # mirrored, ascending
+
+    tasks: list[_Task] = []
+    for mirrored, short in ((False, front), (True, back)):
+        for group in _groups(short, length, group_cost):
+            rows, cols = _stack_shape(group, length, needs_grad)
+            chunk = max(1, _MEMORY_BUDGET // (len(group) * rows * cols))
+            tasks += [_Task(mirrored, group, slice(s, s + chunk)) for s in range(0, count, chunk)]
+
+    sources = {False: matrix}
+    if back:
+        sources[True] = matrix.flip(-2, -1).transpose(-2, -1)
+    solve = _padded_blocks_values if needs_grad else _compressed_values
+    results = parallel_map(lambda task: _fit(solve(sources[task.mirrored], task), rank), tasks,
+                           matrix.device)
+
+    pieces = {False: [], True: []}
+    start = 0
+    while start < len(tasks):  # channel chunks of one group are consecutive tasks
+        stop = start + 1
+        while stop < len(tasks) and tasks[stop].splits == tasks[start].splits \
+                and tasks[stop].mirrored == tasks[start].mirrored:
+            stop += 1
+        pieces[tasks[start].mirrored].append(torch.cat(results[start:stop], dim=0))
+        start = stop
+    parts = []
+    if pieces[False]:
+        parts.append(torch.cat(pieces[False], dim=1))
+    if pieces[True]:
+        parts.append(torch.cat(pieces[True], dim=1).flip(1))  # mirrored splits back to ascending
+    values = torch.cat(parts, dim=1)  # [M, U, R] in sorted unique order
     values = values[:, inverse.to(values.device)]
     limit = torch.minimum(splits, length - splits).to(values.device)
     keep = torch.arange(rank, device=values.device) < limit[:, None]
     return values * keep
 
 
-def _block_cost(rows: int, cols: int) -> int:
-    return rows * cols * min(rows, cols)
+# -- grouping ----------------------------------------------------------------------------------------
+def _block_cost(split: int, widest: int, length: int) -> int:
+    """Work of an SVD of ``T[split:, :widest]`` (rows x cols x the smaller of the two)."""
+    rows = length - split
+    return rows * widest * min(rows, widest)
 
 
-def _buckets(splits: list[int], length: int, batch: int) -> list[tuple[int, int]]:
-    """Greedy grouping of sorted splits into ``(start, stop)`` ranges of neighbouring indices."""
-    ranges: list[tuple[int, int]] = []
+def _compressed_cost(split: int, widest: int, length: int) -> int:
+    """Work of an SVD of a ``widest x widest`` stack (the compressed block, padded)."""
+    return widest**3
+
+
+def _groups(short: list[int], length: int, cost: Callable[[int, int, int], int]) -> list[tuple[int, ...]]:
+    """Greedy grouping of sorted short-side splits into runs whose padding stays cheap."""
+    groups: list[tuple[int, ...]] = []
     start = 0
-    while start < len(splits):
-        need = _block_cost(length - splits[start], splits[start])
+    while start < len(short):
+        need = cost(short[start], short[start], length)
         stop = start + 1
-        while stop < len(splits):
-            rows, cols = length - splits[start], splits[stop]
-            padded = (stop - start + 1) * _block_cost(rows, cols)
-            extra_need = need + _block_cost(length - splits[stop], splits[stop])
-            fits = (stop - start + 1) * rows * cols * batch <= _MEMORY_BUDGET
-            if padded > _PADDING_OVERHEAD * extra_need or not fits:
+        while stop < len(short) and stop - start < _MAX_GROUP:
+            extra_need = need + cost(short[stop], short[stop], length)
+            padded = (stop - start + 1) * cost(short[start], short[stop], length)
+            if padded > _PADDING_OVERHEAD * extra_need:
                 break
             need = extra_need
             stop += 1
-        ranges.append((start, stop))
+        groups.append(tuple(short[start:stop]))
         start = stop
-    return ranges
+    return groups
 
 
-def _bucket_singular_values(matrix: torch.Tensor, splits: torch.Tensor, rank: int) -> torch.Tensor:
-    """``[M, g, R]`` singular values for one bucket of sorted splits."""
-    length = matrix.shape[-1]
-    low, high = int(splits[0]), int(splits[-1])
-    block = matrix[:, low:, :high]  # [M, L - low, high]
-    device = matrix.device
-    split = splits.to(device)[:, None, None]
+def _stack_shape(group: tuple[int, ...], length: int, needs_grad: bool) -> tuple[int, int]:
+    widest = group[-1]
+    return (length - group[0] if needs_grad else widest), widest
+
+
+# -- one task ----------------------------------------------------------------------------------------
+def _compressed_values(source: torch.Tensor, task: _Task) -> torch.Tensor:
+    """``[m, g, b]`` singular values of the group's ``[T[i:b, :i]; R[:i, :i]]`` stacks."""
+    part = source[task.rows]
+    widest = task.splits[-1]
+    triangular = torch.linalg.qr(part[:, widest:, :widest], mode="r").R  # [m, b, b]
+    stacks = part.new_zeros(part.shape[0], len(task.splits), widest, widest)
+    for k, split in enumerate(task.splits):
+        stacks[:, k, : widest - split, :split] = part[:, split:widest, :split]
+        stacks[:, k, widest - split:, :split] = triangular[:, :split, :split]
+    return torch.linalg.svdvals(stacks)
+
+
+def _padded_blocks_values(source: torch.Tensor, task: _Task) -> torch.Tensor:
+    """``[m, g, min]`` singular values of the group's blocks ``T[i:, :i]``, zero-padded alike."""
+    part = source[task.rows]
+    length = part.shape[-1]
+    low, widest = task.splits[0], task.splits[-1]
+    device = part.device
+    split = torch.tensor(task.splits, device=device)[:, None, None]
     rows = torch.arange(low, length, device=device)[None, :, None]
-    cols = torch.arange(high, device=device)[None, None, :]
-    mask = (rows >= split) & (cols < split)  # [g, L - low, high]
-    chunk = max(1, _MEMORY_BUDGET // max(1, mask.numel()))
-    out = []
-    for start in range(0, matrix.shape[0], chunk):
-        padded = block[start:start + chunk, None] * mask
-        out.append(torch.linalg.svdvals(padded))
-    values = torch.cat(out, dim=0)
+    cols = torch.arange(widest, device=device)[None, None, :]
+    mask = (rows >= split) & (cols < split)  # [g, L - low, b]
+    return torch.linalg.svdvals(part[:, None, low:, :widest] * mask)
+
+
+def _fit(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """Truncate or zero-pad the last dimension to ``rank``."""
     width = values.shape[-1]
     if width >= rank:
         return values[..., :rank]

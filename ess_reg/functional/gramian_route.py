@@ -33,6 +33,7 @@ import math
 import torch
 
 from ess_reg._parallel import parallel_map
+from ess_reg.functional._sweeps import masked_exp, square_root_sweep
 
 #: Splits per batched SVD call (bounds memory and feeds the thread pool).
 _SVD_CHUNK = 512
@@ -110,7 +111,7 @@ class _Segments:
         self.device = c.device
         if log_decay is None:
             self.reach, self.observe = b, c
-            self.reach_decay = self.observe_decay = None
+            self.reach_decay = self.observe_decay = self.anchor_log = None
             return
         cum = torch.cumsum(log_decay, dim=-2)  # G: [M, L, N']
         time = torch.arange(length)
@@ -120,13 +121,16 @@ class _Segments:
         seg_of_output = (torch.searchsorted(split, time, right=True) - 1).clamp(min=0)
         end = (split[seg_of_input] - 1).to(c.device)
         start = (split[seg_of_output] - 1).to(c.device)
-        self.reach = b * _masked_exp(cum[:, end] - cum, time.to(c.device) < split[-1].to(c.device))
-        self.observe = c * _masked_exp(cum - cum[:, start], time.to(c.device) >= split[0].to(c.device))
+        before_last = (time < split[-1]).to(c.device)[None, :, None]
+        self.reach = b * masked_exp(cum[:, end] - cum, before_last)
+        from_first = (time >= split[0]).to(c.device)[None, :, None]
+        self.observe = c * masked_exp(cum - cum[:, start], from_first)
         anchors = (split - 1).to(c.device)
         previous = torch.cat([anchors[:1], anchors[:-1]])
         following = torch.cat([anchors[1:], anchors[-1:]])
         self.reach_decay = torch.exp(cum[:, anchors] - cum[:, previous])  # [M, S, N']
         self.observe_decay = torch.exp(cum[:, following] - cum[:, anchors])
+        self.anchor_log = cum[:, anchors]  # G_{s_k - 1}: [M, S, N']
 
     # -- square roots (no autograd) --
     def roots(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,30 +138,14 @@ class _Segments:
         with torch.no_grad():
             reach = self.reach.detach().conj()
             observe = self.observe.detach()
-            reach_decay = None if self.reach_decay is None else self.reach_decay.detach().conj()
-            observe_decay = None if self.observe_decay is None else self.observe_decay.detach()
+            anchor_log = None if self.anchor_log is None else self.anchor_log.detach()
+            reach_log = None if anchor_log is None else anchor_log.conj()
         sweeps = (
-            lambda: self._sweep(reach, reach_decay, forward=True),
-            lambda: self._sweep(observe, observe_decay, forward=False),
+            lambda: square_root_sweep(reach, reach_log, self.bounds, forward=True),
+            lambda: square_root_sweep(observe, anchor_log, self.bounds, forward=False),
         )
         roots_p, roots_q = parallel_map(lambda sweep: sweep(), sweeps, self.device)
         return roots_p, roots_q
-
-    def _sweep(
-        self, rows: torch.Tensor, decay: torch.Tensor | None, *, forward: bool
-    ) -> torch.Tensor:
-        batch, _, n = rows.shape
-        out = rows.new_empty(batch, self.count, n, n)
-        root = rows.new_zeros(batch, n, n)
-        order = range(self.count) if forward else range(self.count - 1, -1, -1)
-        for k in order:
-            lo, hi = (self.bounds[k], self.bounds[k + 1]) if forward else (
-                self.bounds[k + 1], self.bounds[k + 2])
-            carried = root if decay is None else root * decay[:, k, None, :]
-            stacked = torch.cat([carried, rows[:, lo:hi]], dim=1)
-            root = torch.linalg.qr(stacked, mode="r")[1]
-            out[:, k] = root
-        return out
 
     # -- Gramians (differentiable) --
     def gramians(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,13 +181,6 @@ class _Segments:
             lambda part: _singular_values(roots_p[:, part], roots_q[:, part]), chunks, self.device
         )
         return torch.cat(pieces, dim=1)
-
-
-def _masked_exp(exponent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``exp(exponent)`` where ``keep`` (broadcast over ``[M, L, N']`` by time), else 0."""
-    keep = keep[None, :, None]
-    zero = torch.zeros((), dtype=exponent.dtype, device=exponent.device)
-    return torch.where(keep, torch.exp(torch.where(keep, exponent, zero)), zero)
 
 
 # -- the small SVD and its derivative ---------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Section 5.1 at initialization: ESS / TSS against TSS for S6 and GLA featurizations (and GLA with
-different gate normalizers), before and after ``ess_init(scheme="auto")``.
+"""Section 5.1 at initialization: ESS / TSS against TSS for the S6, GLA and GLA-S6 featurizations
+(GLA and GLA-S6 also with a normalizer of 1), before and after ``ess_init(scheme="auto")``.
 
     python benchmarks/exp_init_tss.py     # table on stdout, plot in docs/figures/init_tss.png
 """
@@ -14,6 +14,7 @@ from ess_reg.models import SequenceModel
 from init_schemes import ess_init
 
 STATES = (4, 8, 16, 32, 64)
+KINDS = ("s6", "gla", "gla (normalizer 1)", "gla_s6", "gla_s6 (normalizer 1)")
 
 
 def utilization(model: SequenceModel, probe: torch.Tensor) -> tuple[float, float]:
@@ -29,6 +30,10 @@ def build(kind: str, state: int) -> SequenceModel:
     torch.manual_seed(0)
     if kind == "s6":
         return SequenceModel("s6", d_model=64, n_layers=2, vocab_size=256, d_state=state)
+    if kind.startswith("gla_s6"):
+        normalizer = 1.0 if "normalizer 1" in kind else 16.0
+        return SequenceModel("gla_s6", d_model=64, n_layers=2, vocab_size=256, d_state=state,
+                             gate_logit_normalizer=normalizer)
     normalizer = {"gla": 16.0, "gla (normalizer 1)": 1.0}[kind]
     return SequenceModel("gla", d_model=64, n_layers=2, vocab_size=256, num_heads=2,
                          expand_k=2 * state / 64, gate_logit_normalizer=normalizer)
@@ -45,7 +50,7 @@ def main() -> None:
           "ESS/TSS after ess_init(auto) | ESS after |")
     print("|---|---|---|---|---|---|")
     fig, (left, ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for kind in ("s6", "gla", "gla (normalizer 1)"):
+    for kind in KINDS:
         before, after, ess_before, ess_after = [], [], [], []
         for state in STATES:
             model = build(kind, state)

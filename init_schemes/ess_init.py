@@ -64,13 +64,13 @@ def ess_init(
     """Initialize every recognised mixer of ``model`` (in place) and report what was done.
 
     With a named ``scheme`` (see ``init_schemes.SCHEMES``: ``s4d_lin``, ``s4d_inv``, ``s4d_real``,
-    ``s4d_legs``, ``mamba``, ``mamba2``, ``gla``, ``retnet``, ``wla``, ``la``, ``default``) the scheme
-    is applied to every mixer it covers. With ``"auto"``, layer by layer in forward order, each
-    candidate scheme or hyper-parameter setting of the layer's type (``dt`` range, ``A`` spectrum,
-    gate normalizer and bias, decay spans, feature-map temperature; ``init_schemes.CANDIDATES``, or
+    ``s4d_legs``, ``mamba``, ``mamba2``, ``gla``, ``gla_s6``, ``retnet``, ``wla``, ``la``, ``default``)
+    the scheme is applied to every mixer it covers. With ``"auto"``, layer by layer in forward order, each
+    candidate scheme or hyper-parameter setting of the layer's type (``dt`` range, ``A`` spectrum, gate
+    normalizer and bias, decay spans, feature map and temperature; ``init_schemes.CANDIDATES``, or
     ``candidates[mixer_name]``) is applied and scored by the entropy-ESS ``objective`` it gives on
-    ``probe`` (``"utilization"``: ESS / TSS; ``"ess"``: average ESS), and the best one is kept
-    (the current initialization stays when nothing beats it).
+    ``probe`` (``"utilization"``: ESS / TSS; ``"ess"``: average ESS), and the best one is kept (the
+    current initialization stays when nothing beats it).
 
     Args:
         probe: input for ``model(probe)``: a tensor, a tuple/list (``model(*probe)``) or a dict
@@ -79,8 +79,9 @@ def ess_init(
         seed: makes the random draws of the schemes (and of the probe) reproducible.
         splits: evenly spaced splits used to score (the Gramian route makes this cheap).
 
-    Only the parameters a scheme owns change (``A``, ``dt``, gates, decays, temperatures); every
-    other parameter and the global RNG state are left alone; ``train()`` / ``eval()`` is restored.
+    Only the parameters a scheme owns change (``A``, ``dt``, gates, decays, feature maps,
+    temperatures); every other parameter and the global RNG state are left alone; ``train()`` /
+    ``eval()`` is restored.
     """
     if objective not in _OBJECTIVES:
         raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
@@ -147,7 +148,7 @@ def init_weights_ess(module: nn.Module, name: str = "") -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-_OWNED_ATTRS = ("gate_logit_normalizer", "temperature")
+_OWNED_ATTRS = ("gate_logit_normalizer", "temperature", "feature_map")
 
 
 def _attrs(module: nn.Module) -> dict[str, Any]:
@@ -162,7 +163,8 @@ def _restore_attrs(module: nn.Module, attrs: dict[str, Any]) -> None:
 def _candidates_for(module, label, candidates):
     if candidates is not None and label in candidates:
         return list(candidates[label])
-    return list(lookup(CANDIDATES, module) or [])
+    options = lookup(CANDIDATES, module) or []
+    return list(options(module) if callable(options) else options)
 
 
 def _score(model, name, module, probe, objective, splits) -> float:

@@ -6,12 +6,16 @@ import math
 
 import torch
 
-from ess_reg.mixers import GatedLinearAttention, WeightedLinearAttention
+from ess_reg.mixers import GatedLinearAttention, GatedSelectiveSSM, WeightedLinearAttention
 
 
 @torch.no_grad()
-def gla_gate_(mixer: GatedLinearAttention, normalizer: float = 16.0, bias: float = 0.0) -> None:
+def gla_gate_(
+    mixer: GatedLinearAttention | GatedSelectiveSSM, normalizer: float = 16.0, bias: float = 0.0
+) -> None:
     """GLA: ``log alpha = logsigmoid(W2 W1 x + b) / normalizer`` with the bias ``b`` set to ``bias``.
+
+    Also sets the gate of the GLA-S6 hybrid (``gla_s6``), whose step is the same expression.
 
     At ``x = 0`` the per-step decay is ``sigmoid(bias)^(1 / normalizer)`` (``2^(-1/16) = 0.958`` with
     the defaults): a larger normalizer or bias forgets more slowly.

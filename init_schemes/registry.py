@@ -10,12 +10,14 @@ from torch import nn
 from ess_reg.mixers import (
     S4D,
     GatedLinearAttention,
+    GatedSelectiveSSM,
     LinearAttention,
     SelectiveSSM,
     StateSpaceDuality,
     WeightedLinearAttention,
 )
 from init_schemes.gates import gla_gate_, retnet_decay_, wla_memory_
+from init_schemes.linear_attention import PLAIN_FEATURE_MAPS, la_feature_map_, plain_feature_map
 from init_schemes.mamba import dt_bias_, mamba2_A_log_, mamba_A_log_
 from init_schemes.s4d import log_uniform_, s4d_A_
 
@@ -50,14 +52,35 @@ def _gla(normalizer: float = 16.0, bias: float = 0.0) -> Apply:
     return lambda m, g: gla_gate_(m, normalizer, bias)
 
 
+def _gla_s6(normalizer: float = 16.0, bias: float = 0.0, a_scale: float = 1.0) -> Apply:
+    def apply(m: GatedSelectiveSSM, g: torch.Generator) -> None:
+        gla_gate_(m, normalizer, bias)
+        mamba_A_log_(m.A_log, a_scale)
+    return apply
+
+
 def _wla(low: float = 4.0, high: float = 256.0) -> Apply:
     return lambda m, g: wla_memory_(m, low, high, generator=g)
 
 
-def _la(temperature: float = 1.0) -> Apply:
-    def apply(m: LinearAttention, g: torch.Generator) -> None:
-        m.temperature = float(temperature)
-    return apply
+def _la(temperature: float = 1.0, feature_map: str | None = None) -> Apply:
+    return lambda m, g: la_feature_map_(m, feature_map, temperature)
+
+
+def _la_candidates(mixer: LinearAttention) -> list[tuple[str, Apply]]:
+    """Temperatures, and, for a layer with a plain feature map, the other plain maps of its width
+    (positive ones only under ``normalize=True``)."""
+    current = plain_feature_map(mixer)
+    maps: list[str | None] = [None]
+    if current is not None:
+        maps = [name for name in PLAIN_FEATURE_MAPS
+                if not (mixer.normalize and name == "identity")]
+    options = []
+    for name in maps:
+        label = f"la {name or 'feature map unchanged'}"
+        swap = None if name == current else name
+        options += [(f"{label} temperature={t:g}", _la(t, swap)) for t in (0.5, 1.0, 2.0, 4.0)]
+    return options
 
 
 #: Named schemes: ``name -> {mixer class: apply}``.
@@ -69,6 +92,7 @@ SCHEMES: dict[str, dict[type, Apply]] = {
     "mamba": {SelectiveSSM: _s6(), StateSpaceDuality: _ssd()},
     "mamba2": {StateSpaceDuality: _ssd()},
     "gla": {GatedLinearAttention: _gla()},
+    "gla_s6": {GatedSelectiveSSM: _gla_s6()},
     "retnet": {WeightedLinearAttention: lambda m, g: retnet_decay_(m)},
     "wla": {WeightedLinearAttention: _wla()},
     "la": {LinearAttention: _la()},
@@ -76,7 +100,8 @@ SCHEMES: dict[str, dict[type, Apply]] = {
 #: The reference (default) scheme of each mixer type, used by ``init_weights_ess`` and ``"default"``.
 DEFAULTS: dict[type, Apply] = {
     S4D: _s4d("lin"), SelectiveSSM: _s6(), StateSpaceDuality: _ssd(),
-    GatedLinearAttention: _gla(), WeightedLinearAttention: _wla(), LinearAttention: _la(),
+    GatedLinearAttention: _gla(), GatedSelectiveSSM: _gla_s6(), WeightedLinearAttention: _wla(),
+    LinearAttention: _la(),
 }
 SCHEMES["default"] = dict(DEFAULTS)
 
@@ -85,8 +110,9 @@ def _range(r: tuple[float, float]) -> str:
     return f"{r[0]:g}..{r[1]:g}"
 
 
-#: What ``scheme="auto"`` tries, per mixer type: ``[(label, apply), ...]``.
-CANDIDATES: dict[type, list[tuple[str, Apply]]] = {
+#: What ``scheme="auto"`` tries, per mixer type: ``[(label, apply), ...]``, or a function of the
+#: layer returning that list.
+CANDIDATES: dict[type, list[tuple[str, Apply]] | Callable[[nn.Module], list[tuple[str, Apply]]]] = {
     S4D: [(f"s4d_{s} dt={_range(dt)}", _s4d(s, dt))
           for s in ("lin", "inv", "real", "legs") for dt in _DT_RANGES],
     SelectiveSSM: [(f"mamba A=-{a:g}*(1..N) dt={_range(dt)}", _s6(dt, a))
@@ -95,9 +121,11 @@ CANDIDATES: dict[type, list[tuple[str, Apply]]] = {
                         for ar in ((1.0, 16.0), (1.0, 4.0), (0.1, 1.0)) for dt in _DT_RANGES[:2]],
     GatedLinearAttention: [(f"gla normalizer={n:g} bias={b:g}", _gla(n, b))
                            for n in (1, 4, 16, 64) for b in (0.0, 3.0)],
+    GatedSelectiveSSM: [(f"gla_s6 normalizer={n:g} bias={b:g} A=-{a:g}*(1..N)", _gla_s6(n, b, a))
+                        for n in (1, 4, 16, 64) for b in (0.0, 3.0) for a in (1.0, 0.25)],
     WeightedLinearAttention: [("retnet", lambda m, g: retnet_decay_(m))]
     + [(f"wla memory={_range(r)}", _wla(*r)) for r in ((4.0, 256.0), (16.0, 1024.0), (1.0, 32.0))],
-    LinearAttention: [(f"la temperature={t:g}", _la(t)) for t in (0.5, 1.0, 2.0, 4.0)],
+    LinearAttention: _la_candidates,
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from timm.models import named_apply
 
-from ess_reg.mixers import S4D, GatedLinearAttention, SelectiveSSM, WeightedLinearAttention
+from ess_reg.mixers import S4D, GatedLinearAttention, LinearAttention, SelectiveSSM, WeightedLinearAttention
 from ess_reg.models import SequenceModel
 from init_schemes import (
     SCHEMES,
@@ -88,7 +88,7 @@ def _parameters(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mixer", ["gla", "s6", ["wla", "la"], ["ssd", "sa"]])
+@pytest.mark.parametrize("mixer", ["gla", "s6", "gla_s6", ["wla", "la"], ["ssd", "sa"]])
 def test_auto_is_deterministic_and_touches_only_owned_parameters(mixer):
     torch.manual_seed(0)
     model = SequenceModel(mixer, d_model=32, n_layers=2, vocab_size=64)
@@ -156,3 +156,46 @@ def test_default_model_is_initialized_quickly():
     start = time.perf_counter()
     ess_init(model, verbose=False)
     assert time.perf_counter() - start < 10
+
+
+def test_gla_s6_normalizer_sets_its_memory_and_auto_repairs_a_collapsed_gate():
+    torch.manual_seed(0)
+    collapsed = SequenceModel("gla_s6", d_model=32, n_layers=1, vocab_size=64,
+                              gate_logit_normalizer=1.0, d_state=16)
+    mixer = collapsed.blocks[0].mixer
+    report = ess_init(collapsed, seed=0, verbose=False)
+    entry = report["blocks.0.mixer"]
+    assert "normalizer=1 " not in entry.scheme
+    assert mixer.gate_logit_normalizer > 1 and entry.after > 1.5 * entry.before
+    ess_init(collapsed, scheme="gla_s6", verbose=False)
+    assert mixer.gate_logit_normalizer == 16 and (mixer.gate[1].bias == 0).all()
+    torch.testing.assert_close(mixer.A_log.exp()[0], torch.arange(1.0, 17.0))
+
+
+def test_la_feature_map_scheme_and_auto_choice():
+    from init_schemes import la_feature_map_
+
+    la = LinearAttention(32, feature_map="elu")
+    la_feature_map_(la, "squared_relu", temperature=2.0)
+    assert type(la.feature_map).__name__ == "SquaredReLU" and la.temperature == 2.0
+    x = torch.randn(2, 12, 32)
+    trace = la.trace(x)
+    torch.testing.assert_close(trace.operator.dense() @ trace.u, trace.y, rtol=1e-4, atol=1e-5)
+    normalized = LinearAttention(32, feature_map="elu", normalize=True)
+    with pytest.raises(ValueError, match="normalize=True"):
+        la_feature_map_(normalized, "identity")
+    with pytest.raises(ValueError, match="temperature"):
+        la_feature_map_(la, temperature=0.0)
+    torch.manual_seed(0)
+    model = SequenceModel("la", d_model=32, n_layers=1, vocab_size=64)
+    report = ess_init(model, seed=0, verbose=False)
+    labels = [label for label, _ in report["blocks.0.mixer"].evaluated]
+    assert {"la elu temperature=1", "la relu temperature=2", "la identity temperature=4"} <= set(labels)
+    chosen = report["blocks.0.mixer"].scheme
+    assert chosen == "unchanged" or chosen.split()[1] in {"elu", "relu", "squared_relu", "identity"}
+    # a map with its own parameters is never swapped by auto: only its temperature is searched
+    hedgehog = SequenceModel("la", d_model=32, n_layers=1, vocab_size=64, feature_map="hedgehog")
+    names = {n for n, _ in hedgehog.named_parameters()}
+    report = ess_init(hedgehog, seed=0, verbose=False)
+    assert {n for n, _ in hedgehog.named_parameters()} == names
+    assert all("feature map unchanged" in label for label, _ in report["blocks.0.mixer"].evaluated)

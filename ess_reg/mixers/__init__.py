@@ -9,6 +9,7 @@ from ess_reg.mixers.attention import SoftmaxAttention
 from ess_reg.mixers.base import MixerTrace, RealizationMixer, SequenceMixer
 from ess_reg.mixers.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
 from ess_reg.mixers.gla import GatedLinearAttention
+from ess_reg.mixers.gla_s6 import GatedSelectiveSSM
 from ess_reg.mixers.hyena import Hyena
 from ess_reg.mixers.linear_attention import LinearAttention
 from ess_reg.mixers.s4d import S4D
@@ -19,7 +20,7 @@ from ess_reg.mixers.wla import WeightedLinearAttention
 MIXERS: dict[str, type[SequenceMixer]] = {
     cls.name: cls
     for cls in (SoftmaxAttention, LinearAttention, WeightedLinearAttention, GatedLinearAttention,
-                SelectiveSSM, StateSpaceDuality, S4D, Hyena)
+                SelectiveSSM, GatedSelectiveSSM, StateSpaceDuality, S4D, Hyena)
 }
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "S4D",
     "FeatureMap",
     "GatedLinearAttention",
+    "GatedSelectiveSSM",
     "Hyena",
     "LinearAttention",
     "MixerTrace",

@@ -73,8 +73,5 @@ class GatedLinearAttention(RealizationMixer):
             "gate": self.g(x),
         }
 
-
-
-
     def readout(self, f, y):
         return self.out(merge_heads(self.norm(y)) * F.silu(f["gate"]))

@@ -73,9 +73,6 @@ class SelectiveSSM(RealizationMixer):
             "z": z,
         }
 
-
-
-
     def readout(self, f, y):
         y = (y + self.D[:, None, None] * f["u"])[..., 0].transpose(1, 2)  # [B, L, D_in]
         return self.out_proj(y * F.silu(f["z"]))

@@ -10,6 +10,7 @@ On accelerators the calls are issued in order on the caller's thread.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -20,6 +21,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _POOL: ThreadPoolExecutor | None = None
+#: Process that created ``_POOL`` (a forked child, e.g. a DataLoader worker, needs its own threads).
+_POOL_PID = -1
 #: Set when ``torch.set_num_threads`` turned out to be process-wide in this build.
 _SEQUENTIAL = False
 
@@ -30,13 +33,14 @@ def _single_threaded_worker() -> None:
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
     """``[fn(x) for x in items]``, spread over ``torch.get_num_threads()`` threads on CPU."""
-    global _POOL, _SEQUENTIAL
+    global _POOL, _POOL_PID, _SEQUENTIAL
     workers = torch.get_num_threads()
     if device.type != "cpu" or workers < 2 or len(items) < 2 or _SEQUENTIAL:
         return [fn(x) for x in items]
-    if _POOL is None or _POOL._max_workers != workers:
-        if _POOL is not None:
+    if _POOL is None or _POOL._max_workers != workers or os.getpid() != _POOL_PID:
+        if _POOL is not None and os.getpid() == _POOL_PID:
             _POOL.shutdown(wait=False)
+        _POOL_PID = os.getpid()
         _POOL = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="ess-reg", initializer=_single_threaded_worker
         )

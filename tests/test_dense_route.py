@@ -75,3 +75,4 @@ def test_worker_threads_leave_the_callers_thread_setting_alone():
     before = torch.get_num_threads()
     split_singular_values(random_causal(2, 64, seed=7), method="dense")
     assert torch.get_num_threads() == before
+

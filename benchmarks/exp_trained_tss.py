@@ -45,7 +45,7 @@ def utilization(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[float, fl
             sum(float(s["ess"]) for s in summaries) / len(summaries))
 
 
-def run(kind: str, states: list[int], out: Path, steps: int, seed: int) -> None:
+def run(kind: str, states: list[int], out: Path, steps: int, seed: int, init: str = "none") -> None:
     torch.set_num_threads(1)
     mixer, kwargs = KINDS[kind]
     results = []
@@ -53,16 +53,16 @@ def run(kind: str, states: list[int], out: Path, steps: int, seed: int) -> None:
         setting = dict(SETTING, steps=steps, log_every=min(steps, SETTING["log_every"]))
         with tempfile.TemporaryDirectory() as folder:
             config = TrainConfig(mixer=mixer, seed=seed, out=folder, mixer_kwargs=kwargs(state),
-                                 **setting)
+                                 init=init, **setting)
             torch.manual_seed(seed)  # the same model and test set as train() builds
             make_task(config, config.train_examples, seed=seed)
             test = make_task(config, config.test_examples, seed=seed + 1_000_003).inputs[:16]
-            init_util, init_ess = utilization(make_model(config), test)
+            init_util, init_ess = utilization(make_model(config), test)  # the default initialization
             last = train(config, progress=False)
             model = make_model(config)
             model.load_state_dict(torch.load(Path(folder) / "checkpoint.pt")["model"])
             util, ess = utilization(model, test)
-        results.append({"kind": kind, "state": state, "seed": seed, "steps": steps,
+        results.append({"kind": kind, "state": state, "seed": seed, "steps": steps, "init": init,
                         "accuracy": last["test_accuracy"], "init_utilization": init_util,
                         "init_ess": init_ess, "utilization": util, "ess": ess})
         print(json.dumps(results[-1]), flush=True)
@@ -70,35 +70,50 @@ def run(kind: str, states: list[int], out: Path, steps: int, seed: int) -> None:
         out.write_text(json.dumps(results, indent=1))
 
 
+def _mean(group: list[dict], key: str) -> float:
+    return sum(r[key] for r in group) / len(group)
+
+
 def report(paths: list[Path], figure: Path) -> None:
+    """Table (means over seeds, per-seed accuracy) and figure of the runs in ``paths``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((r for p in paths for r in json.loads(p.read_text())),
-                  key=lambda r: (list(KINDS).index(r["kind"]), r["state"]))
-    print("| featurization | TSS per channel | ESS/TSS at init | ESS/TSS trained | ESS trained | "
-          "MQAR accuracy |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {LABELS[r['kind']]} | {r['state']} | {r['init_utilization']:.3f} | "
-              f"{r['utilization']:.3f} | {r['ess']:.2f} | {r['accuracy']:.3f} |")
+    everything = [r for p in paths for r in json.loads(p.read_text())]
+    groups: dict[tuple, list[dict]] = {}
+    for r in everything:
+        groups.setdefault((r["kind"], r["state"], r.get("init", "none")), []).append(r)
+    order = sorted(groups, key=lambda k: (k[2] != "none", list(KINDS).index(k[0]), k[1]))
+    print("| featurization | TSS per channel | seeds | ESS/TSS at init | ESS/TSS trained | ESS trained | "
+          "MQAR accuracy (per seed) |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, state, init in order:
+        group = sorted(groups[kind, state, init], key=lambda r: r["seed"])
+        label = LABELS[kind] if init == "none" else (
+            f"{LABELS[kind]}, ess_init({init}) before training (at-init column: before ess_init)")
+        per_seed = ", ".join(f"{r['accuracy']:.3f}" for r in group)
+        print(f"| {label} | {state} | {len(group)} | {_mean(group, 'init_utilization'):.3f} | "
+              f"{_mean(group, 'utilization'):.3f} | {_mean(group, 'ess'):.2f} | "
+              f"{_mean(group, 'accuracy'):.3f} ({per_seed}) |")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for kind in KINDS:
-        group = [r for r in rows if r["kind"] == kind]
-        if not group:
+        keys = [k for k in order if k[0] == kind and k[2] == "none"]
+        if not keys:
             continue
-        states = [r["state"] for r in group]
-        line = axes[0].plot(states, [r["init_utilization"] for r in group], marker="o", ls="--",
+        states = [k[1] for k in keys]
+        mean = {key: [_mean(groups[k], key) for k in keys]
+                for key in ("init_utilization", "utilization", "ess", "accuracy")}
+        line = axes[0].plot(states, mean["init_utilization"], marker="o", ls="--",
                             label=f"{LABELS[kind]}: at init")
-        axes[0].plot(states, [r["utilization"] for r in group], marker="o",
-                     color=line[0].get_color(), label=f"{LABELS[kind]}: trained")
-        axes[1].plot(states, [r["ess"] for r in group], marker="o", label=LABELS[kind])
-        axes[2].plot(states, [r["accuracy"] for r in group], marker="o", label=LABELS[kind])
+        axes[0].plot(states, mean["utilization"], marker="o", color=line[0].get_color(),
+                     label=f"{LABELS[kind]}: trained")
+        axes[1].plot(states, mean["ess"], marker="o", label=LABELS[kind])
+        axes[2].plot(states, mean["accuracy"], marker="o", label=LABELS[kind])
     axes[0].set(ylabel="ESS / TSS", title="Utilization, at init (dashed) and trained")
     axes[1].set(ylabel="average ESS per channel", title="ESS after MQAR training")
-    axes[2].set(ylabel="test accuracy", title="MQAR accuracy")
+    axes[2].set(ylabel="test accuracy", title="MQAR accuracy (mean over seeds)")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(STATES, [str(s) for s in STATES])
@@ -119,12 +134,13 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--steps", type=int, default=SETTING["steps"])
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--init", default="none", help="'none' (default init) or an ess_init scheme")
     p = sub.add_parser("report")
     p.add_argument("paths", type=Path, nargs="+")
     p.add_argument("--figure", type=Path, default=Path("docs/figures/trained_tss.png"))
     args = parser.parse_args()
     if args.command == "run":
-        run(args.kind, args.states, args.out, args.steps, args.seed)
+        run(args.kind, args.states, args.out, args.steps, args.seed, args.init)
     else:
         report(args.paths, args.figure)
 

@@ -74,7 +74,7 @@ def test_bad_values_exit_2_without_traceback(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_model_learns_mqar(tmp_path):
-    config = TrainConfig(seq_len=32, kv_pairs=2, steps=500, log_every=250, out=str(tmp_path / "l"))
+    config = TrainConfig(seq_len=32, kv_pairs=2, steps=800, log_every=400, out=str(tmp_path / "l"))
     assert train(config, progress=False)["test_accuracy"] > 0.5
 
 

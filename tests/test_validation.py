@@ -148,3 +148,12 @@ def test_unvalidated_operators_with_nan_are_refused_before_the_svd():
     matrix[0, 4, 2] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         ess_curve(DenseOperator(matrix, validate=False))
+
+
+def test_huge_finite_entries_are_not_mistaken_for_inf():
+    matrix = torch.full((1, 8, 8), 1e307, dtype=torch.float64).tril()  # its sum overflows to inf
+    curve = ess_curve(DenseOperator(matrix), "tolerance")
+    assert torch.isfinite(curve).all()
+    matrix[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ess_curve(DenseOperator(matrix))

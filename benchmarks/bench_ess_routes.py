@@ -45,6 +45,16 @@ def _time(fn, repeats: int = 3) -> float:
     return best
 
 
+def _split_loop(matrix: torch.Tensor):
+    """The baseline: one ``svdvals`` call per split (batched over channels), then entropy-ESS."""
+    from ess_reg.functional import entropy_ess
+
+    length = matrix.shape[-1]
+    return lambda: torch.stack(
+        [entropy_ess(torch.linalg.svdvals(matrix[:, i:, :i])[:, :min(i, length - i)].nan_to_num())
+         for i in range(1, length)], dim=-1)
+
+
 def case(name: str, quick: bool) -> dict:
     """Run one case in this process; returns seconds and the peak RSS growth in MiB."""
     from ess_reg import average_ess, ess_curve
@@ -59,23 +69,10 @@ def case(name: str, quick: bool) -> dict:
     elif name == "dense_batched_L256":
         matrix = _causal(8, 256 // scale)
         fn = lambda: ess_curve(matrix, method="dense")
-    elif name == "dense_loop_L256":
-        from ess_reg.functional import entropy_ess
-
-        matrix = _causal(8, 256 // scale)
-        length = matrix.shape[-1]
-        fn = lambda: torch.stack(
-            [entropy_ess(torch.linalg.svdvals(matrix[:, i:, :i])[:, :min(i, length - i)]
-                         .nan_to_num()) for i in range(1, length)], dim=-1)
-    elif name == "dense_loop_one_thread_L256":
-        from ess_reg.functional import entropy_ess
-
-        torch.set_num_threads(1)  # the loop's best setting here: LAPACK threads slow small SVDs
-        matrix = _causal(8, 256 // scale)
-        length = matrix.shape[-1]
-        fn = lambda: torch.stack(
-            [entropy_ess(torch.linalg.svdvals(matrix[:, i:, :i])[:, :min(i, length - i)]
-                         .nan_to_num()) for i in range(1, length)], dim=-1)
+    elif name in ("dense_loop_L256", "dense_loop_one_thread_L256"):
+        if name == "dense_loop_one_thread_L256":
+            torch.set_num_threads(1)  # the loop's best setting here: LAPACK threads slow small SVDs
+        fn = _split_loop(_causal(8, 256 // scale))
     elif name == "dense_channel_loop_L256":
         from ess_reg.functional import entropy_ess
 

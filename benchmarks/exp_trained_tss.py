@@ -54,8 +54,7 @@ def run(kind: str, states: list[int], out: Path, steps: int, seed: int, init: st
         with tempfile.TemporaryDirectory() as folder:
             config = TrainConfig(mixer=mixer, seed=seed, out=folder, mixer_kwargs=kwargs(state),
                                  init=init, **setting)
-            torch.manual_seed(seed)  # the same model and test set as train() builds
-            make_task(config, config.train_examples, seed=seed)
+            torch.manual_seed(seed)  # the same model as train() builds (tasks use their own seeds)
             test = make_task(config, config.test_examples, seed=seed + 1_000_003).inputs[:16]
             init_util, init_ess = utilization(make_model(config), test)  # the default initialization
             last = train(config, progress=False)

@@ -66,11 +66,14 @@ def dense_singular_values(matrix: torch.Tensor, splits: torch.Tensor, rank: int)
     back = [length - i for i in reversed(ordered) if 2 * i > length]  # mirrored, ascending
 
     tasks: list[_Task] = []
+    owners: list[tuple[bool, range]] = []  # per group: mirrored?, its tasks (one per channel chunk)
     for mirrored, short in ((False, front), (True, back)):
         for group in _groups(short, length, group_cost):
             rows, cols = _stack_shape(group, length, needs_grad)
             chunk = max(1, _MEMORY_BUDGET // (len(group) * rows * cols))
+            first = len(tasks)
             tasks += [_Task(mirrored, group, slice(s, s + chunk)) for s in range(0, count, chunk)]
+            owners.append((mirrored, range(first, len(tasks))))
 
     sources = {False: matrix}
     if back:
@@ -80,14 +83,8 @@ def dense_singular_values(matrix: torch.Tensor, splits: torch.Tensor, rank: int)
                            matrix.device)
 
     pieces = {False: [], True: []}
-    start = 0
-    while start < len(tasks):  # channel chunks of one group are consecutive tasks
-        stop = start + 1
-        while stop < len(tasks) and tasks[stop].splits == tasks[start].splits \
-                and tasks[stop].mirrored == tasks[start].mirrored:
-            stop += 1
-        pieces[tasks[start].mirrored].append(torch.cat(results[start:stop], dim=0))
-        start = stop
+    for mirrored, own in owners:
+        pieces[mirrored].append(torch.cat([results[k] for k in own], dim=0))
     parts = []
     if pieces[False]:
         parts.append(torch.cat(pieces[False], dim=1))

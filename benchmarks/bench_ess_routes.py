@@ -80,6 +80,14 @@ def case(name: str, quick: bool) -> dict:
         length = matrix.shape[-1]
         fn = lambda: [[entropy_ess(torch.linalg.svdvals(matrix[ch, i:, :i]))
                        for i in range(1, length)] for ch in range(matrix.shape[0])]
+    elif name in ("dense_batched_low_rank_L256", "dense_loop_low_rank_L256"):
+        # a materialized N = 16 realization: rank-deficient blocks, so no Gram eigenvalues
+        matrix = _realization(8, 256 // scale, 16).dense(torch.float64)
+        if name.startswith("dense_batched"):
+            fn = lambda: ess_curve(matrix, method="dense")
+        else:
+            torch.set_num_threads(1)  # the loop's steadier setting (see the one-thread case)
+            fn = _split_loop(matrix)
     elif name == "gramian_all_splits_L4096_C64":
         op = _realization(64, 4096 // scale, 16)
         fn = lambda: ess_curve(op)
@@ -107,7 +115,8 @@ def run_in_subprocess(name: str, quick: bool) -> dict:
 
 CASES = [
     "gramian_L1024", "dense_L1024", "dense_batched_L256", "dense_loop_L256",
-    "dense_loop_one_thread_L256", "dense_channel_loop_L256", "gramian_all_splits_L4096_C64",
+    "dense_loop_one_thread_L256", "dense_channel_loop_L256", "dense_batched_low_rank_L256",
+    "dense_loop_low_rank_L256", "gramian_all_splits_L4096_C64",
     "gramian_grad_8_splits_L4096_C64",
 ]
 
@@ -136,6 +145,8 @@ def main() -> None:
           f"{s['dense_loop_one_thread_L256'] / s['dense_batched_L256']:.2f}x")
     print(f"dense batched vs per-channel per-split loop, L=256: "
           f"{s['dense_channel_loop_L256'] / s['dense_batched_L256']:.2f}x")
+    print(f"dense batched vs per-split loop on one LAPACK thread, rank-16 blocks, L=256: "
+          f"{s['dense_loop_low_rank_L256'] / s['dense_batched_low_rank_L256']:.2f}x")
     print(f"all splits, 64 channels, N=16, L=4096 (target < 5 s): "
           f"{s['gramian_all_splits_L4096_C64']:.2f} s")
 

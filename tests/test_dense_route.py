@@ -76,3 +76,80 @@ def test_worker_threads_leave_the_callers_thread_setting_alone():
     split_singular_values(random_causal(2, 64, seed=7), method="dense")
     assert torch.get_num_threads() == before
 
+
+
+def _max_relative_error(matrix: torch.Tensor, got: torch.Tensor) -> float:
+    worst = 0.0
+    for channel, spectra in enumerate(reference_singular_values(matrix)):
+        for k, sigma in enumerate(spectra):
+            values = got[channel, k, :len(sigma)].numpy()
+            worst = max(worst, float(np.max(np.abs(values - sigma) / sigma)))
+    return worst
+
+
+class _StackCounter:
+    """Counts the channels that went through the exact stack SVD instead of Gram eigenvalues."""
+
+    def __init__(self, monkeypatch):
+        self.channels = 0
+        original = dense_route._stack_values
+
+        def counting(tops, triangular, splits):
+            self.channels += tops.shape[0]
+            return original(tops, triangular, splits)
+
+        monkeypatch.setattr(dense_route, "_stack_values", counting)
+
+
+def _softmax_attention(channels: int, length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(channels, length, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return (q @ k.mT / 4).masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+@pytest.mark.parametrize("operator", ["random", "softmax"])
+def test_well_conditioned_blocks_take_gram_eigenvalues_to_full_relative_accuracy(monkeypatch, operator):
+    counter = _StackCounter(monkeypatch)
+    matrix = random_causal(3, 96, seed=8) if operator == "random" else _softmax_attention(3, 96, seed=8)
+    got = split_singular_values(matrix, method="dense")
+    assert counter.channels < 10  # nearly every (group, channel) was certified
+    assert _max_relative_error(matrix, got) < 1e-9  # every value, the smallest included
+
+
+def test_ill_conditioned_blocks_fall_back_to_the_exact_svd(monkeypatch):
+    counter = _StackCounter(monkeypatch)
+    matrix = random_causal(2, 64, seed=9)
+    matrix[0, :, 20] *= 1e-6  # channel 0: every block holding column 20 has condition number ~1e6
+    got = split_singular_values(matrix, method="dense")
+    assert counter.channels > 0
+    # Gram eigenvalues would be ~1e-4 off relative here (eps * 1e12); the SVD is not
+    assert _max_relative_error(matrix, got) < 1e-9
+
+
+@pytest.mark.parametrize("scale", [1e-250, 1e250])
+def test_extreme_scales_neither_underflow_nor_overflow(scale):
+    matrix = random_causal(2, 40, seed=10)
+    plain = split_singular_values(matrix, method="dense")
+    scaled = split_singular_values(matrix * scale, method="dense")
+    np.testing.assert_allclose((scaled / scale).numpy(), plain.numpy(), rtol=1e-12, atol=0)
+
+
+def test_rank_deficient_and_zero_channels_next_to_full_rank_ones():
+    g = torch.Generator().manual_seed(11)
+    feats = torch.randn(36, 2, generator=g, dtype=torch.float64)
+    matrix = random_causal(3, 36, seed=11)
+    matrix[1] = (feats @ feats.T).tril()
+    matrix[2] = 0
+    got = split_singular_values(matrix, method="dense")
+    _check_against_loop(matrix, got, None)
+    assert (got[1, :, 2:] <= 1e-12 * got[1, :, :1]).all() and (got[2] == 0).all()
+
+
+def test_single_precision_compute_skips_gram_eigenvalues(monkeypatch):
+    counter = _StackCounter(monkeypatch)
+    matrix = random_causal(1, 32, seed=12)
+    got = split_singular_values(matrix, method="dense", dtype=torch.float32)
+    assert counter.channels > 0
+    reference = split_singular_values(matrix, method="dense")
+    np.testing.assert_allclose(got.double().numpy(), reference.numpy(), atol=1e-4 * float(reference.max()))

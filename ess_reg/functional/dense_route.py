@@ -13,7 +13,8 @@ Four things make it faster than one ``svdvals`` call per split, without giving u
   through one batched call.
 * **Gram eigenvalues where certified.** ``eigvalsh`` of ``H_i^H H_i`` costs about half an SVD and
   is accurate to ``eps * cond^2`` relative; it is kept for splits whose condition number is at most
-  1000 (about ``2e-10`` relative), every other split gets the SVD of its stack.
+  1000 (about ``2e-10`` relative), every other split gets the SVD of its stack. CPU only: picking
+  the splits reads a mask on the host, which an accelerator would have to wait for.
 * **All cores.** Groups are independent and run on a thread pool, one single-threaded LAPACK call
   per worker (see ``ess_reg._parallel``).
 
@@ -154,7 +155,7 @@ def _compressed_values(source: torch.Tensor, task: _Task) -> torch.Tensor:
     tops = part[:, :bottom] / scale  # [m, b - i_0, b]: rows i_0 .. b-1
     values = part.new_zeros(part.shape[0], len(splits), widest, dtype=part.real.dtype)
     certified = torch.zeros(part.shape[0], len(splits), dtype=torch.bool, device=part.device)
-    if part.dtype in _GRAM_DTYPES:
+    if part.dtype in _GRAM_DTYPES and part.device.type == "cpu":  # elsewhere: no host syncs
         # |R_kk| bound the condition number from below: a channel failing it skips the Gram try
         diagonal = triangular.diagonal(dim1=-2, dim2=-1).abs()
         hopeful = (diagonal.amin(-1) ** 2 >= _GRAM_MIN_RATIO * diagonal.amax(-1) ** 2).nonzero().flatten()

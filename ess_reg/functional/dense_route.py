@@ -149,18 +149,19 @@ def _compressed_values(source: torch.Tensor, task: _Task) -> torch.Tensor:
     part = source[task.rows, splits[0]:, :widest]  # [m, L - i_0, b]: all the group's blocks use
     # power-of-two scaling per channel is exact and keeps Gram matrices away from under- and overflow
     peak = part.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(part.real.dtype).tiny)
-    scale = torch.exp2(torch.round(torch.log2(peak)))[:, None, None]
+    scale = torch.exp2(torch.floor(torch.log2(peak)))[:, None, None]  # peak / scale in [1, 2)
     bottom = widest - splits[0]
     triangular = torch.linalg.qr(part[:, bottom:] / scale, mode="r").R  # [m, b, b]
     tops = part[:, :bottom] / scale  # [m, b - i_0, b]: rows i_0 .. b-1
+    if part.dtype not in _GRAM_DTYPES or part.device.type != "cpu":  # accelerators: no host reads
+        return _stack_values(tops, triangular, splits) * scale
     values = part.new_zeros(part.shape[0], len(splits), widest, dtype=part.real.dtype)
     certified = torch.zeros(part.shape[0], len(splits), dtype=torch.bool, device=part.device)
-    if part.dtype in _GRAM_DTYPES and part.device.type == "cpu":  # elsewhere: no host syncs
-        # |R_kk| bound the condition number from below: a channel failing it skips the Gram try
-        diagonal = triangular.diagonal(dim1=-2, dim2=-1).abs()
-        hopeful = (diagonal.amin(-1) ** 2 >= _GRAM_MIN_RATIO * diagonal.amax(-1) ** 2).nonzero().flatten()
-        if hopeful.numel():
-            values[hopeful], certified[hopeful] = _gram_values(tops[hopeful], triangular[hopeful], splits)
+    # |R_kk| bound the condition number from below: a channel failing it skips the Gram try
+    diagonal = triangular.diagonal(dim1=-2, dim2=-1).abs()
+    hopeful = (diagonal.amin(-1) ** 2 >= _GRAM_MIN_RATIO * diagonal.amax(-1) ** 2).nonzero().flatten()
+    if hopeful.numel():
+        values[hopeful], certified[hopeful] = _gram_values(tops[hopeful], triangular[hopeful], splits)
     redo = (~certified).any(dim=1).nonzero().flatten()  # channels with any uncertified split
     if redo.numel():
         values[redo] = _stack_values(tops[redo], triangular[redo], splits)

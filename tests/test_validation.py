@@ -122,11 +122,20 @@ def test_functional_argument_errors():
         ([], ValueError, "non-empty"),
         ("3", TypeError, "splits must be"),
         (True, TypeError, "bool"),
+        (torch.tensor(3), ValueError, "pass a Python int"),
     ],
 )
 def test_split_errors(splits, error, pattern):
     with pytest.raises(error, match=pattern):
         split_singular_values(random_causal(1, 6), splits=splits)
+
+
+def test_numpy_integer_counts_splits_like_an_int():
+    import numpy as np
+
+    matrix = random_causal(1, 9)
+    assert torch.equal(split_singular_values(matrix, splits=np.int64(3)),
+                       split_singular_values(matrix, splits=3))
 
 
 def test_state_size_override_is_checked():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,8 @@ def resolve_splits(splits: Splits, seq_len: int, device: torch.device | None = N
         return torch.arange(1, seq_len, device=device)
     if isinstance(splits, bool):
         raise TypeError("splits must be None, an int or a 1-D sequence of ints, got a bool")
-    if isinstance(splits, int):
+    if isinstance(splits, numbers.Integral) and not isinstance(splits, torch.Tensor):
+        splits = int(splits)  # numpy integers count splits like Python ints
         if splits < 1:
             raise ValueError(f"splits must be a positive number of splits, got {splits}")
         count = min(splits, last)
@@ -42,8 +44,9 @@ def resolve_splits(splits: Splits, seq_len: int, device: torch.device | None = N
             f"splits must be None, an int or a 1-D sequence of ints, got {type(splits).__name__}"
         )
     if index.dim() != 1 or index.numel() == 0:
+        hint = " (pass a Python int for a number of splits)" if index.dim() == 0 else ""
         raise ValueError(
-            f"splits must be a non-empty 1-D index tensor, got shape {tuple(index.shape)}"
+            f"splits must be a non-empty 1-D index tensor, got shape {tuple(index.shape)}{hint}"
         )
     low, high = int(index.min()), int(index.max())
     if low < 1 or high > last:

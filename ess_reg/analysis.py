@@ -13,6 +13,7 @@ from ess_reg._table import format_table
 from ess_reg.capture import capture_operators
 from ess_reg.functional import (
     entropy_ess,
+    resolve_method,
     resolve_splits,
     split_singular_values,
     tolerance_ess,
@@ -28,6 +29,7 @@ class LayerReport:
     examples). ``total_ess``: summed over channels (mean over examples). ``utilization``: ESS / TSS
     (or ESS / ``min(i, L - i)`` without a finite state). ``ess_per_kv``: ``total_ess / kv_pairs``
     for MQAR. ``splits`` and ``curve``: the mean entropy-ESS at each split, for plots.
+    ``sampled_by_default``: evenly spaced splits stood in for all of them (a long dense layer).
     """
 
     name: str
@@ -41,10 +43,24 @@ class LayerReport:
     ess_per_kv: float | None
     splits: np.ndarray
     curve: np.ndarray
+    sampled_by_default: bool = False
 
     @property
     def label(self) -> str:
         return f"{self.name} ({self.mixer})"
+
+
+#: Without ``splits``, a layer on the dense route (``O(L^4)`` per channel) longer than this is
+#: analysed at ``DENSE_DEFAULT_SPLITS`` evenly spaced splits instead of all ``L - 1``.
+DENSE_ALL_SPLITS_MAX_LEN = 257
+DENSE_DEFAULT_SPLITS = 64
+
+
+def default_splits(op: Any, splits: int | None) -> int | None:
+    """``splits`` if given; else all splits, or ``DENSE_DEFAULT_SPLITS`` for a long dense layer."""
+    if splits is None and op.seq_len > DENSE_ALL_SPLITS_MAX_LEN and resolve_method(op) == "dense":
+        return DENSE_DEFAULT_SPLITS
+    return splits
 
 
 def layer_report(
@@ -52,7 +68,10 @@ def layer_report(
 ) -> list[LayerReport]:
     """Capture every recognised mixer of ``model`` on ``inputs`` and summarise its ESS.
 
-    ``config`` (optional) supplies ``task`` and ``kv_pairs`` for ESS/kv.
+    ``config`` (optional) supplies ``task`` and ``kv_pairs`` for ESS/kv. ``splits``: evenly spaced
+    splits per layer; by default all of them, except that a layer without a small state (softmax
+    attention, or a state as large as ``L / 2``) longer than ``DENSE_ALL_SPLITS_MAX_LEN`` gets
+    ``DENSE_DEFAULT_SPLITS`` (each report's ``splits`` says which were used).
     """
     was_training = model.training
     model.eval()
@@ -65,7 +84,8 @@ def layer_report(
     kv = getattr(config, "kv_pairs", None) if getattr(config, "task", None) == "mqar" else None
     reports = []
     for name, op in operators.items():
-        index = resolve_splits(splits, op.seq_len)
+        chosen = default_splits(op, splits)
+        index = resolve_splits(chosen, op.seq_len)
         sigma = split_singular_values(op, splits=index).double()
         curve = entropy_ess(sigma)  # [B, C, S]
         total = float(curve.mean(-1).sum(-1).mean())
@@ -81,6 +101,7 @@ def layer_report(
             ess_per_kv=None if not kv else total / kv,
             splits=index.numpy(),
             curve=curve.mean(dim=tuple(range(curve.dim() - 1))).numpy(),
+            sampled_by_default=chosen != splits,
         ))
     return reports
 

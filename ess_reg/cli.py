@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seq-len", type=_positive, default=64,
                          help="--hf: length of the random token sequences used without --ids/--text")
     analyze.add_argument("--examples", type=_positive, default=32, help="fresh task inputs to analyse")
-    analyze.add_argument("--splits", type=_positive, default=None, help="evenly spaced splits (default all)")
+    analyze.add_argument("--splits", type=_positive, default=None,
+                         help="evenly spaced splits (default all; 64 for attention-like layers with L > 257)")
     analyze.add_argument("--seed", type=int, default=12345, help="seed of the fresh inputs")
     analyze.add_argument("--device", default="cpu")
     analyze.add_argument("--out", default=None, help="where to save the curve plot (default: the run)")
@@ -130,11 +131,21 @@ def _analyze(args: argparse.Namespace) -> None:
     reports = layer_report(model, task.inputs.to(args.device), config, splits=args.splits)
     print(f"{config.mixer} on {config.task} (L={config.seq_len}), {args.examples} fresh examples")
     print(format_reports(reports))
+    _note_sampled_splits(reports, args.splits)
     run = Path(args.run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
     path = save_curve_plot(reports, out / "analyze_ess_curves.png", config.seq_len,
                            f"ESS on fresh inputs ({config.mixer}, {config.task})")
     print(f"curve plot: {path}")
+
+
+def _note_sampled_splits(reports: list, splits: int | None) -> None:
+    from ess_reg.analysis import DENSE_DEFAULT_SPLITS
+
+    sampled = [r.name for r in reports if r.sampled_by_default]
+    if splits is None and sampled:
+        print(f"note: {', '.join(sampled)} took the O(L^4) dense route, so {DENSE_DEFAULT_SPLITS} evenly "
+              "spaced splits stand in for all of them; pass --splits N to choose")
 
 
 def _analyze_hf(args: argparse.Namespace) -> None:
@@ -163,6 +174,7 @@ def _analyze_hf(args: argparse.Namespace) -> None:
     reports = layer_report(model.to(args.device), ids.to(args.device), splits=args.splits)
     print(f"{type(model).__name__} from {args.hf} ({source}), input {tuple(ids.shape)}")
     print(format_reports(reports))
+    _note_sampled_splits(reports, args.splits)
     folder = Path(args.hf) if Path(args.hf).is_dir() else Path(args.hf).parent
     out = Path(args.out) if args.out else folder
     path = save_curve_plot(reports, out / "ess_curves.png", ids.shape[-1],

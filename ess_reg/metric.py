@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torchmetrics import Metric
 
-from ess_reg.functional.ess import DEFAULT_TOL
+from ess_reg.functional.ess import DEFAULT_TOL, resolve_method
 from ess_reg.functional.splits import Splits, resolve_splits
 from ess_reg.functional.summary import _ess_compute, _ess_update
 from ess_reg.operators import Operator, as_operator
+
+#: Past this length, all splits of a layer on the dense route take seconds per channel: warn.
+_SLOW_DENSE_LEN = 257
 
 _STAT_NAMES = ("sum", "util_sum", "total_sum")
 
@@ -39,7 +43,8 @@ class ESSMetric(Metric):
 
     Args:
         kind: ``"entropy"`` (default), ``"tolerance"`` or ``"both"``.
-        splits: as in :func:`ess_reg.ess_curve` (default: all splits).
+        splits: as in :func:`ess_reg.ess_curve` (default: all splits; for a layer on the dense
+            route longer than 257 a warning suggests ``splits=64``).
         tol, relative: of tolerance-ESS.
         curve: also keep the mean ESS per split index (needs the same splits on every update).
         kwargs: Additional keyword arguments of ``torchmetrics.Metric``.
@@ -81,6 +86,7 @@ class ESSMetric(Metric):
                 continue
             prefix = f"l{len(self.layers)}_" + re.sub(r"\W", "_", name)
             self.layers[name] = prefix
+            self._warn_if_slow(name, op)
             self.tss[name] = op.state_size
             zero = torch.tensor(0.0, dtype=torch.float64)
             for stat in ("count", "samples", "curve_count"):
@@ -94,6 +100,15 @@ class ESSMetric(Metric):
                 for kind in self.kinds:
                     self.add_state(f"{prefix}_{kind}_curve_sum",
                                    torch.zeros(index.numel(), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _warn_if_slow(self, name: str, op: Operator) -> None:
+        if self.splits is None and op.seq_len > _SLOW_DENSE_LEN and resolve_method(op) == "dense":
+            warnings.warn(
+                f"ESSMetric: layer {name!r} (L = {op.seq_len}) takes the O(L^4) dense route, and every "
+                f"update evaluates all {op.seq_len - 1} splits; pass splits=64 (evenly spaced) for a "
+                "much faster estimate",
+                stacklevel=5,  # warn, _warn_if_slow, _register, update, torchmetrics wrapper
+            )
 
     @staticmethod
     def _as_dict(operators: Operator | torch.Tensor | Mapping[str, Any]) -> dict[str, Operator]:

@@ -153,3 +153,17 @@ def test_distributed_sync_equals_single_process(tmp_path):
     assert synced.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(synced[key], value, rtol=1e-10, atol=1e-12)
+
+
+def test_long_dense_layers_warn_about_all_splits():
+    import warnings
+
+    from conftest import random_causal
+
+    long_dense = random_causal(1, 300, seed=3)
+    with pytest.warns(UserWarning, match="splits=64"):
+        ESSMetric().update(long_dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ESSMetric(splits=8).update(long_dense)
+        ESSMetric().update(random_causal(1, 40, seed=3))

@@ -56,7 +56,7 @@ DENSE_ALL_SPLITS_MAX_LEN = 257
 DENSE_DEFAULT_SPLITS = 64
 
 
-def default_splits(op: Any, splits: int | None) -> int | None:
+def _default_splits(op: Any, splits: int | None) -> int | None:
     """``splits`` if given; else all splits, or ``DENSE_DEFAULT_SPLITS`` for a long dense layer."""
     if splits is None and op.seq_len > DENSE_ALL_SPLITS_MAX_LEN and resolve_method(op) == "dense":
         return DENSE_DEFAULT_SPLITS
@@ -84,7 +84,7 @@ def layer_report(
     kv = getattr(config, "kv_pairs", None) if getattr(config, "task", None) == "mqar" else None
     reports = []
     for name, op in operators.items():
-        chosen = default_splits(op, splits)
+        chosen = _default_splits(op, splits)
         index = resolve_splits(chosen, op.seq_len)
         sigma = split_singular_values(op, splits=index).double()
         curve = entropy_ess(sigma)  # [B, C, S]

@@ -34,14 +34,17 @@ def _causal(channels: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(channels, length, length, generator=g, dtype=torch.float64).tril()
 
 
-def _time(fn, repeats: int = 3) -> float:
-    """Best of ``repeats`` calls after one warm-up call (LAPACK workspaces, thread pool)."""
+def _time(fn, repeats: int = 3, budget: float = 1.0, most: int = 20) -> float:
+    """Best of at least ``repeats`` calls after one warm-up call (LAPACK workspaces, thread pool);
+    short cases repeat until ``budget`` seconds are spent (at most ``most`` calls), so their best
+    time is as steady as the long cases'."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
+    best, spent, calls = float("inf"), 0.0, 0
+    while calls < repeats or (spent < budget and calls < most):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
+        took = time.perf_counter() - start
+        best, spent, calls = min(best, took), spent + took, calls + 1
     return best
 
 

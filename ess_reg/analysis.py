@@ -13,12 +13,12 @@ from ess_reg._table import format_table
 from ess_reg.capture import capture_operators
 from ess_reg.functional import (
     entropy_ess,
-    resolve_method,
     resolve_splits,
     split_singular_values,
     tolerance_ess,
     utilization_from_curve,
 )
+from ess_reg.functional.ess import SAMPLED_DENSE_SPLITS, _is_long_dense
 
 
 @dataclass
@@ -50,19 +50,6 @@ class LayerReport:
         return f"{self.name} ({self.mixer})"
 
 
-#: Without ``splits``, a layer on the dense route (``O(L^4)`` per channel) longer than this is
-#: analysed at ``DENSE_DEFAULT_SPLITS`` evenly spaced splits instead of all ``L - 1``.
-DENSE_ALL_SPLITS_MAX_LEN = 257
-DENSE_DEFAULT_SPLITS = 64
-
-
-def _default_splits(op: Any, splits: int | None) -> int | None:
-    """``splits`` if given; else all splits, or ``DENSE_DEFAULT_SPLITS`` for a long dense layer."""
-    if splits is None and op.seq_len > DENSE_ALL_SPLITS_MAX_LEN and resolve_method(op) == "dense":
-        return DENSE_DEFAULT_SPLITS
-    return splits
-
-
 def layer_report(
     model: nn.Module, inputs: Any, config: Any = None, *, splits: int | None = None
 ) -> list[LayerReport]:
@@ -70,8 +57,8 @@ def layer_report(
 
     ``config`` (optional) supplies ``task`` and ``kv_pairs`` for ESS/kv. ``splits``: evenly spaced
     splits per layer; by default all of them, except that a layer without a small state (softmax
-    attention, or a state as large as ``L / 2``) longer than ``DENSE_ALL_SPLITS_MAX_LEN`` gets
-    ``DENSE_DEFAULT_SPLITS`` (each report's ``splits`` says which were used).
+    attention, or a state as large as ``L / 2``) longer than ``LONG_DENSE_LEN`` (257) gets
+    ``SAMPLED_DENSE_SPLITS`` (64; each report's ``splits`` says which were used).
     """
     was_training = model.training
     model.eval()
@@ -84,8 +71,8 @@ def layer_report(
     kv = getattr(config, "kv_pairs", None) if getattr(config, "task", None) == "mqar" else None
     reports = []
     for name, op in operators.items():
-        chosen = _default_splits(op, splits)
-        index = resolve_splits(chosen, op.seq_len)
+        sampled = splits is None and _is_long_dense(op)
+        index = resolve_splits(SAMPLED_DENSE_SPLITS if sampled else splits, op.seq_len)
         sigma = split_singular_values(op, splits=index).double()
         curve = entropy_ess(sigma)  # [B, C, S]
         total = float(curve.mean(-1).sum(-1).mean())
@@ -101,7 +88,7 @@ def layer_report(
             ess_per_kv=None if not kv else total / kv,
             splits=index.numpy(),
             curve=curve.mean(dim=tuple(range(curve.dim() - 1))).numpy(),
-            sampled_by_default=chosen != splits,
+            sampled_by_default=sampled,
         ))
     return reports
 

@@ -131,7 +131,7 @@ def _analyze(args: argparse.Namespace) -> None:
     reports = layer_report(model, task.inputs.to(args.device), config, splits=args.splits)
     print(f"{config.mixer} on {config.task} (L={config.seq_len}), {args.examples} fresh examples")
     print(format_reports(reports))
-    _note_sampled_splits(reports, args.splits)
+    _note_sampled_splits(reports)
     run = Path(args.run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
     path = save_curve_plot(reports, out / "analyze_ess_curves.png", config.seq_len,
@@ -139,13 +139,13 @@ def _analyze(args: argparse.Namespace) -> None:
     print(f"curve plot: {path}")
 
 
-def _note_sampled_splits(reports: list, splits: int | None) -> None:
-    from ess_reg.analysis import DENSE_DEFAULT_SPLITS
+def _note_sampled_splits(reports: list) -> None:
+    from ess_reg.functional.ess import SAMPLED_DENSE_SPLITS
 
     sampled = [r.name for r in reports if r.sampled_by_default]
-    if splits is None and sampled:
-        print(f"note: {', '.join(sampled)} took the O(L^4) dense route, so {DENSE_DEFAULT_SPLITS} evenly "
-              "spaced splits stand in for all of them; pass --splits N to choose")
+    if sampled:
+        print(f"note: {', '.join(sampled)} took the O(L^4) dense route, so {SAMPLED_DENSE_SPLITS} "
+              "evenly spaced splits stand in for all of them; pass --splits N to choose")
 
 
 def _analyze_hf(args: argparse.Namespace) -> None:
@@ -174,7 +174,7 @@ def _analyze_hf(args: argparse.Namespace) -> None:
     reports = layer_report(model.to(args.device), ids.to(args.device), splits=args.splits)
     print(f"{type(model).__name__} from {args.hf} ({source}), input {tuple(ids.shape)}")
     print(format_reports(reports))
-    _note_sampled_splits(reports, args.splits)
+    _note_sampled_splits(reports)
     folder = Path(args.hf) if Path(args.hf).is_dir() else Path(args.hf).parent
     out = Path(args.out) if args.out else folder
     path = save_curve_plot(reports, out / "ess_curves.png", ids.shape[-1],

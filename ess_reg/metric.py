@@ -10,13 +10,10 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from ess_reg.functional.ess import DEFAULT_TOL, resolve_method
+from ess_reg.functional.ess import DEFAULT_TOL, SAMPLED_DENSE_SPLITS, _is_long_dense
 from ess_reg.functional.splits import Splits, resolve_splits
 from ess_reg.functional.summary import _ess_compute, _ess_update
 from ess_reg.operators import Operator, as_operator
-
-#: Past this length, all splits of a layer on the dense route take seconds per channel: warn.
-_SLOW_DENSE_LEN = 257
 
 _STAT_NAMES = ("sum", "util_sum", "total_sum")
 
@@ -102,11 +99,11 @@ class ESSMetric(Metric):
                                    torch.zeros(index.numel(), dtype=torch.float64), dist_reduce_fx="sum")
 
     def _warn_if_slow(self, name: str, op: Operator) -> None:
-        if self.splits is None and op.seq_len > _SLOW_DENSE_LEN and resolve_method(op) == "dense":
+        if self.splits is None and _is_long_dense(op):
             warnings.warn(
-                f"ESSMetric: layer {name!r} (L = {op.seq_len}) takes the O(L^4) dense route, and every "
-                f"update evaluates all {op.seq_len - 1} splits; pass splits=64 (evenly spaced) for a "
-                "much faster estimate",
+                f"ESSMetric: layer {name!r} (L = {op.seq_len}) takes the O(L^4) dense route, and "
+                f"every update evaluates all {op.seq_len - 1} splits; pass "
+                f"splits={SAMPLED_DENSE_SPLITS} (evenly spaced) for a much faster estimate",
                 stacklevel=5,  # warn, _warn_if_slow, _register, update, torchmetrics wrapper
             )
 

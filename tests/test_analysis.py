@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ess_reg.analysis import DENSE_DEFAULT_SPLITS, layer_report
+from ess_reg.analysis import layer_report
 from ess_reg.cli import _note_sampled_splits
+from ess_reg.functional.ess import SAMPLED_DENSE_SPLITS
 from ess_reg.models import SequenceModel
 
 
@@ -18,8 +19,8 @@ def _reports(mixer: str, length: int, splits=None):
 
 def test_long_attention_layers_default_to_evenly_spaced_splits(capsys):
     (report,) = _reports("sa", 300)
-    assert report.sampled_by_default and len(report.splits) == DENSE_DEFAULT_SPLITS
-    _note_sampled_splits([report], None)
+    assert report.sampled_by_default and len(report.splits) == SAMPLED_DENSE_SPLITS
+    _note_sampled_splits([report])
     assert "--splits" in capsys.readouterr().out
 
 

@@ -152,6 +152,16 @@ def utilization_from_curve(
 
 
 # -- argument checks and helpers -------------------------------------------------------------------
+#: A layer on the dense route longer than this takes seconds per channel at all ``L - 1`` splits:
+#: ``layer_report`` then defaults to ``SAMPLED_DENSE_SPLITS`` evenly spaced splits, ``ESSMetric`` warns.
+LONG_DENSE_LEN = 257
+SAMPLED_DENSE_SPLITS = 64
+
+
+def _is_long_dense(op: Operator) -> bool:
+    return op.seq_len > LONG_DENSE_LEN and resolve_method(op) == "dense"
+
+
 def resolve_method(operator: OperatorLike, *, splits: Splits = None, method: Method = "auto") -> str:
     """The route ``method`` resolves to for this operator and these splits: "dense" or "gramian".
 

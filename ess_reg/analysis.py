@@ -14,7 +14,7 @@ from ess_reg.capture import capture_operators
 from ess_reg.functional import (
     entropy_ess,
     resolve_splits,
-    split_singular_values,
+    split_spectrum,
     tolerance_ess,
     utilization_from_curve,
 )
@@ -73,7 +73,7 @@ def layer_report(
     for name, op in operators.items():
         sampled = splits is None and _is_long_dense(op)
         index = resolve_splits(SAMPLED_DENSE_SPLITS if sampled else splits, op.seq_len)
-        sigma = split_singular_values(op, splits=index).double()
+        sigma = split_spectrum(op, splits=index).values
         curve = entropy_ess(sigma)  # [B, C, S]
         total = float(curve.mean(-1).sum(-1).mean())
         reports.append(LayerReport(

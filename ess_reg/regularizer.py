@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ess_reg.capture import hook_operators, recognised_modules
-from ess_reg.functional import entropy_ess, split_singular_values
+from ess_reg.functional import entropy_ess, split_spectrum
 from ess_reg.mixers import SequenceMixer
 from ess_reg.operators import Operator
 
@@ -40,7 +40,8 @@ class ESSRegularizer:
     Args:
         model: the model whose mixers are regularized.
         weight: the penalty's weight.
-        splits: an int ``k`` (``k`` random splits, drawn afresh every step) or fixed split indices.
+        splits: an int ``k`` (``k`` random splits, drawn afresh every step), fixed split indices, or
+            ``None`` (all ``L - 1`` splits).
         every_n_steps, warmup_steps: schedule; on skipped steps ``reg()`` returns a zero tensor and
             no operator is built. One call of ``reg()`` (or one ``ESSOptimizer.step``) is one step.
         dtype: compute dtype of the singular values (float64 default).
@@ -61,7 +62,7 @@ class ESSRegularizer:
         target: Target = "max",
         normalize: bool = True,
         modules: ModuleSelector = None,
-        splits: int | Sequence[int] | torch.Tensor = 8,
+        splits: int | Sequence[int] | torch.Tensor | None = 8,
         every_n_steps: int = 1,
         warmup_steps: int = 0,
         dtype: torch.dtype = torch.float64,
@@ -72,7 +73,8 @@ class ESSRegularizer:
         _check_config(weight, kind, target, splits, every_n_steps, warmup_steps, dtype, tol, temperature)
         self.model = model
         self.weight, self.kind, self.target, self.normalize = float(weight), kind, target, normalize
-        self.splits = splits if isinstance(splits, int) else torch.as_tensor(splits, dtype=torch.long)
+        self.splits = splits if splits is None or isinstance(splits, int) else torch.as_tensor(
+            splits, dtype=torch.long)
         self.every_n_steps, self.warmup_steps = every_n_steps, warmup_steps
         self.dtype, self.tol, self.temperature = dtype, tol, temperature
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -90,7 +92,7 @@ class ESSRegularizer:
     @property
     def config(self) -> dict[str, Any]:
         """Picklable hyper-parameters (everything but the model)."""
-        splits = self.splits if isinstance(self.splits, int) else self.splits.tolist()
+        splits = self.splits if self.splits is None or isinstance(self.splits, int) else self.splits.tolist()
         return {"weight": self.weight, "kind": self.kind, "target": self.target,
                 "normalize": self.normalize, "modules": list(self.modules), "splits": splits,
                 "every_n_steps": self.every_n_steps, "warmup_steps": self.warmup_steps,
@@ -140,7 +142,7 @@ class ESSRegularizer:
         """``v``: ESS (or ESS / TSS when normalizing) averaged over this step's splits, channels
         and batch; differentiable."""
         index = self._splits_for(op.seq_len)
-        sigma = split_singular_values(op, splits=index, dtype=self.dtype).to(self.dtype)
+        sigma = split_spectrum(op, splits=index, dtype=self.dtype).values
         ess = entropy_ess(sigma) if self.kind == "entropy" else self._soft_count(sigma)
         if self.normalize:
             if op.state_size is not None:
@@ -158,6 +160,8 @@ class ESSRegularizer:
         return torch.where(present, soft, 0).sum(-1)
 
     def _splits_for(self, seq_len: int) -> torch.Tensor:
+        if self.splits is None:
+            return torch.arange(1, seq_len)
         if not isinstance(self.splits, int):
             if int(self.splits.max()) > seq_len - 1:
                 raise ValueError(f"fixed splits go up to {int(self.splits.max())} but L = {seq_len}")
@@ -400,8 +404,8 @@ def _check_config(weight, kind, target, splits, every_n_steps, warmup_steps, dty
                                           and math.isfinite(target))):
         raise ValueError(f"target must be 'max', 'min' or a finite number, got {target!r}")
     if isinstance(splits, bool) or (isinstance(splits, int) and splits < 1):
-        raise ValueError(f"splits must be a positive int or split indices, got {splits!r}")
-    if not isinstance(splits, int):
+        raise ValueError(f"splits must be None (all), a positive int or split indices, got {splits!r}")
+    if splits is not None and not isinstance(splits, int):
         index = torch.as_tensor(splits)
         if index.dim() != 1 or index.numel() == 0 or index.is_floating_point() or int(index.min()) < 1:
             raise ValueError(f"fixed splits must be a non-empty 1-D list of indices >= 1, got {splits!r}")

@@ -13,7 +13,7 @@ from ess_reg.functional import (
     entropy_ess,
     resolve_method,
     resolve_splits,
-    split_singular_values,
+    split_spectrum,
     tolerance_ess,
     utilization_from_curve,
 )
@@ -75,7 +75,7 @@ def run_showcase(
     for name, op in example_operators(seq_len, state, channels, seed).items():
         start = time.perf_counter()
         index = resolve_splits(splits, seq_len)
-        sigma = split_singular_values(op, splits=index)
+        sigma = split_spectrum(op, splits=index).values
         entropy, tolerance = entropy_ess(sigma), tolerance_ess(sigma)
         util = utilization_from_curve(entropy, op, splits=index)
         rows.append(ShowcaseRow(

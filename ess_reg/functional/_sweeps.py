@@ -6,7 +6,8 @@ splits going backward). The root at segment ``k`` is the ``N' x N'`` triangular 
     [ root of the previous segment, decayed to k's anchor ;  rows of segment k ]
 
 where each row arrives already decayed to its own segment's anchor ``G_k`` (a log-decay cumsum
-value), and decaying from anchor ``k'`` to ``k`` multiplies column ``n`` by
+value, kept in float64 or complex128 whatever the compute dtype, so long sequences with strong
+resets keep the small decays exact), and decaying from anchor ``k'`` to ``k`` multiplies column ``n`` by
 ``exp(sign * (G_k - G_k'))`` (``sign`` is ``+1`` forward, ``-1`` backward; the exponent is never
 positive for a stable realization, so nothing overflows).
 
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ess_reg.functional._scaling import flush_below, flush_subnormal, normalize_channels
 
 #: Blocks form only while a QR call would hold fewer than about this many matrices.
 BLOCK_MATRICES = 16
@@ -109,14 +112,14 @@ def square_root_sweep(
     to_end = rows  # rows decayed to their block's last anchor (their own, for one-segment blocks)
     shifts = None
     if anchor_log is not None:
-        shifts = torch.exp(plan.sign * (anchor_log[:, lasts[1:]] - anchor_log[:, lasts[:-1]]))
+        shifts = torch.exp(plan.sign * (anchor_log[:, lasts[1:]] - anchor_log[:, lasts[:-1]])).to(rows.dtype)
     if anchor_log is not None and plan.block_lo.size < plan.count:
         owner = torch.from_numpy(plan.owners(length)).to(device)
         used = owner >= 0
         owner = owner.clamp(min=0)
         end = torch.from_numpy(plan.block_last[plan.block_of]).to(device)[owner]
         exponent = plan.sign * (anchor_log[:, end] - anchor_log[:, owner])
-        to_end = rows * masked_exp(exponent, used[None, :, None])
+        to_end = rows * masked_exp(exponent, used[None, :, None]).to(rows.dtype)
 
     out = rows.new_empty(batch, plan.count, n, n)
     root: torch.Tensor | None = None
@@ -160,19 +163,51 @@ def _inner_roots(
     else:
         owner_t = torch.from_numpy(owner).to(device)
         exponent = plan.sign * (anchor_log[:, index, None] - anchor_log[:, owner_t])
-        stacked = gathered * masked_exp(exponent, keep_t)
+        stacked = gathered * masked_exp(exponent, keep_t).to(rows.dtype)
         source_anchor = torch.from_numpy(plan.block_last[np.maximum(block - 1, 0)]).to(device)
         shift = plan.sign * (anchor_log[:, index] - anchor_log[:, source_anchor])
-        carried = previous * masked_exp(shift, has_carry[None, :, None])[:, :, None, :]
+        carried = previous * masked_exp(shift, has_carry[None, :, None])[:, :, None, :].to(rows.dtype)
     return triangular_factor(torch.cat([carried, stacked], dim=2), n)
 
 
 def triangular_factor(stacked: torch.Tensor, n: int) -> torch.Tensor:
-    """``R`` of ``stacked = Q R`` (``[..., rows, n]``), zero-padded to ``n x n`` if rows < n."""
-    root = torch.linalg.qr(stacked, mode="r")[1]
+    """A square root ``R`` of ``stacked^H stacked`` (``[..., rows, n]``): the triangular factor of
+    ``stacked = Q R``, zero-padded to ``n x n`` if rows < n.
+
+    LAPACK's Householder QR returns non-finite factors on some inputs: columns many orders of
+    magnitude apart, near-duplicate columns (the conjugate halves of a complex realization with
+    real factors), subnormal entries (complex QR in particular). On CPU a non-finite factor is
+    detected and recomputed by :func:`_robust_root`; accelerators, which should not wait for that
+    check, always take the robust path.
+    """
+    if stacked.device.type == "cpu":
+        root = torch.linalg.qr(stacked, mode="r")[1]
+        if not bool(torch.isfinite(root.sum())):  # NaN and Inf reach the sum; roots cannot overflow it
+            root = _robust_root(stacked)
+    else:
+        root = _robust_root(stacked)
     if root.shape[-2] < n:
         root = torch.nn.functional.pad(root, (0, 0, 0, n - root.shape[-2]))
     return root
+
+
+def _robust_root(stacked: torch.Tensor) -> torch.Tensor:
+    """``R`` of ``stacked = Q R`` with columns scaled by powers of two to a largest entry of about 1
+    (``A D = Q (R D)``: exact, undone on ``R``) and entries below ``eps^2`` of their column's largest
+    flushed to zero (far inside the factorization's own backward error, ``eps`` per column). On CPU
+    a factor that is still not finite is recomputed in double precision, as QR or else as
+    ``diag(s) V^H`` from the SVD (an equally valid square root)."""
+    scaled, exponent = normalize_channels(stacked, (-2,))  # per column; exponent [..., n]
+    scaled = flush_below(scaled, torch.finfo(scaled.dtype).eps ** 2)
+    root = torch.linalg.qr(scaled, mode="r")[1]
+    if stacked.device.type == "cpu" and not bool(torch.isfinite(root).all()):
+        wide = scaled.to(torch.complex128 if scaled.is_complex() else torch.float64)
+        root = torch.linalg.qr(wide, mode="r")[1]
+        if not bool(torch.isfinite(root).all()):
+            _, values, right_h = torch.linalg.svd(wide, full_matrices=False)
+            root = values.to(right_h.dtype)[..., :, None] * right_h
+        root = root.to(scaled.dtype)
+    return flush_subnormal(root * torch.exp2(exponent).to(root.real.dtype)[..., None, :])
 
 
 def masked_exp(exponent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

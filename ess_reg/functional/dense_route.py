@@ -18,10 +18,12 @@ Four things make it faster than one ``svdvals`` call per split, without giving u
 * **All cores.** Groups are independent and run on a thread pool, one single-threaded LAPACK call
   per worker (see ``ess_reg._parallel``).
 
-When gradients are needed, the QR step is skipped (its derivative divides by ``R``'s diagonal,
-which is zero for rank-deficient blocks): the groups' blocks ``T[i:, :i]`` themselves are padded
-and batched, and ``svdvals``' derivative stays finite. Cost per channel for all splits is
-``O(L^4)``; memory ``O(budget)`` per call.
+When gradients are needed the values come from the same route (its QR step is never
+differentiated: that derivative divides by ``R``'s diagonal, zero for rank-deficient blocks);
+only ``T`` is kept for the backward, which recomputes each group's padded blocks ``T[i:, :i]``
+with their singular vectors and adds ``U diag(grad) V^H``, one group at a time, so memory stays
+``O(budget)`` at any length and number of splits. Values below resolution are zero and take no
+part in the gradient, as in the Gramian route. Cost per channel for all splits is ``O(L^4)``.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from dataclasses import dataclass
 import torch
 
 from ess_reg._parallel import parallel_map
+from ess_reg.functional._scaling import LN2, clean_values, power_of_two_exponent
 
 #: A group may do at most this factor of the work its splits need unpadded.
 _PADDING_OVERHEAD = 1.35
 #: At most this many splits share one QR (more gives the thread pool too few tasks).
 _MAX_GROUP = 8
-#: Elements of one padded batch handed to ``svdvals`` (about 256 MB in float64).
-_MEMORY_BUDGET = 1 << 25
+#: Elements of one padded batch handed to LAPACK (about 256 MB in float64) unless the memory
+#: budget asks for less.
+MEMORY_BUDGET = 1 << 25
 #: Compute dtypes precise enough for singular values from Gram eigenvalues (see ``_gram_values``).
 _GRAM_DTYPES = (torch.float64, torch.complex128)
 #: Smallest eigenvalue / largest eigenvalue of a Gram matrix whose square roots are trusted.
@@ -54,31 +58,121 @@ class _Task:
     rows: slice
 
 
-def dense_singular_values(matrix: torch.Tensor, splits: torch.Tensor, rank: int) -> torch.Tensor:
-    """Singular values of ``matrix[:, i:, :i]`` for each split ``i``, descending, zero-padded.
+def dense_singular_values(
+    matrix: torch.Tensor, splits: torch.Tensor, rank: int, element_budget: int = MEMORY_BUDGET
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values of ``matrix[:, i:, :i]`` for each split ``i``, descending, in scaled form.
 
     Args:
-        matrix: ``[M, L, L]`` lower-triangular, in the compute dtype (``M`` = batch x channels).
+        matrix: ``[M, L, L]`` lower-triangular, in the compute dtype (``M`` = batch x channels),
+            each channel scaled to a largest entry of about 1.
         splits: ``[S]`` int64 split indices on the CPU, each in ``1 .. L-1`` (any order, repeats ok).
         rank: number of values kept per split (``R``).
+        element_budget: most elements one batched LAPACK call may hold.
 
     Returns:
-        ``[M, S, R]``; entries past ``min(i, L - i)`` are exactly zero.
+        ``values`` ``[M, S, R]`` and ``log_scale`` ``[M, S]``: the singular values are
+        ``values * exp(log_scale)``; entries past ``min(i, L - i)`` and below resolution are
+        exactly zero. With gradients each split's values are scaled to a largest value in
+        ``[1, 2)`` (so the backward's weights stay in range) and the backward recomputes each
+        group's singular vectors, holding one group at a time.
     """
+    if torch.is_grad_enabled() and matrix.requires_grad:
+        return _DenseSpectrum.apply(matrix, splits, rank, element_budget)
+    values = _clean(_compressed_singular_values(matrix, splits, rank, element_budget), splits, matrix)
+    return values, values.new_zeros(values.shape[:-1])
+
+
+def _clean(values: torch.Tensor, splits: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    length = matrix.shape[-1]
+    bound = torch.minimum(splits, length - splits)
+    return clean_values(values, values.new_zeros(values.shape[:-1]), bound)
+
+
+class _DenseSpectrum(torch.autograd.Function):
+    """Per-split scaled singular values of the split blocks; the backward adds
+    ``U diag(grad / scale) V^H`` of each block, recomputed group by group (only ``T`` is saved)."""
+
+    @staticmethod
+    def forward(ctx, matrix, splits, rank, element_budget):
+        values = _clean(_compressed_singular_values(matrix, splits, rank, element_budget), splits, matrix)
+        exponent = power_of_two_exponent(values[..., 0])  # [M, S]
+        scaled = values * torch.exp2(-exponent)[..., None]
+        log_scale = exponent * LN2
+        ctx.save_for_backward(matrix, exponent, scaled > 0)
+        ctx.splits, ctx.element_budget = splits, element_budget
+        ctx.mark_non_differentiable(log_scale)
+        return scaled, log_scale
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_log_scale):
+        matrix, exponent, kept = ctx.saved_tensors
+        weight = torch.where(kept, grad_values, 0) * torch.exp2(-exponent)[..., None]
+        unique, inverse = torch.unique(ctx.splits, sorted=True, return_inverse=True)
+        weight = weight.new_zeros(weight.shape[0], unique.numel(), weight.shape[-1]).index_add_(
+            1, inverse.to(weight.device), weight)  # repeated splits add up
+        return _blocks_gradient(matrix, unique.tolist(), weight, ctx.element_budget), None, None, None
+
+
+def _blocks_gradient(matrix: torch.Tensor, ordered: list[int], weight: torch.Tensor,
+                     element_budget: int) -> torch.Tensor:
+    """``sum_i`` of ``U_i diag(weight_i) V_i^H`` placed at ``T[i:, :i]``: ``[M, L, L]``."""
     length, count = matrix.shape[-1], matrix.shape[0]
+    tasks: list[tuple[tuple[int, ...], range, slice]] = []
+    start = 0
+    for group in _groups(ordered, length, _block_cost):
+        members = range(start, start + len(group))
+        start += len(group)
+        rows, cols = length - group[0], group[-1]
+        chunk = max(1, element_budget // (len(group) * rows * cols))
+        tasks += [(group, members, slice(s, s + chunk)) for s in range(0, count, chunk)]
+
+    def solve(task: tuple[tuple[int, ...], range, slice]) -> torch.Tensor:
+        group, members, channels = task
+        blocks = _masked_blocks(matrix[channels], group)  # [m, g, L - low, b]
+        left, _, right_h = torch.linalg.svd(blocks, full_matrices=False)
+        width = left.shape[-1]
+        w = _fit(weight[channels, members.start:members.stop], width).to(left.dtype)
+        grad = ((left * w[..., None, :]) @ right_h) * _block_mask(group, length, matrix.device)
+        return grad.sum(dim=1)
+
+    grad = torch.zeros_like(matrix)
+    for (group, _, channels), piece in zip(tasks, parallel_map(solve, tasks, matrix.device), strict=True):
+        grad[channels, group[0]:, :group[-1]] += piece
+    return grad
+
+
+def _block_mask(group: tuple[int, ...], length: int, device: torch.device) -> torch.Tensor:
+    """``[g, L - low, b]``: where each split's block ``T[i:, :i]`` lies in the padded stack."""
+    low, widest = group[0], group[-1]
+    split = torch.tensor(group, device=device)[:, None, None]
+    rows = torch.arange(low, length, device=device)[None, :, None]
+    cols = torch.arange(widest, device=device)[None, None, :]
+    return (rows >= split) & (cols < split)
+
+
+def _masked_blocks(part: torch.Tensor, group: tuple[int, ...]) -> torch.Tensor:
+    """``[m, g, L - low, b]`` blocks ``T[i:, :i]`` of the group, zero-padded alike."""
+    low, widest = group[0], group[-1]
+    return part[:, None, low:, :widest] * _block_mask(group, part.shape[-1], part.device)
+
+
+def _compressed_singular_values(matrix: torch.Tensor, splits: torch.Tensor, rank: int,
+                                element_budget: int) -> torch.Tensor:
+    """``[M, S, R]`` singular values (no autograd), grouped and QR-compressed (module docstring)."""
+    length, count = matrix.shape[-1], matrix.shape[0]
+    matrix = matrix.detach()
     unique, inverse = torch.unique(splits, sorted=True, return_inverse=True)
     ordered = unique.tolist()
-    needs_grad = torch.is_grad_enabled() and matrix.requires_grad
-    group_cost = _block_cost if needs_grad else _compressed_cost
     front = [i for i in ordered if 2 * i <= length]  # short side: columns
     back = [length - i for i in reversed(ordered) if 2 * i > length]  # mirrored, ascending
 
     tasks: list[_Task] = []
     owners: list[tuple[bool, range]] = []  # per group: mirrored?, its tasks (one per channel chunk)
     for mirrored, short in ((False, front), (True, back)):
-        for group in _groups(short, length, group_cost):
-            rows, cols = _stack_shape(group, length, needs_grad)
-            chunk = max(1, _MEMORY_BUDGET // (len(group) * rows * cols))
+        for group in _groups(short, length, _compressed_cost):
+            rows, cols = group[-1], group[-1]
+            chunk = max(1, element_budget // (len(group) * rows * cols))
             first = len(tasks)
             tasks += [_Task(mirrored, group, slice(s, s + chunk)) for s in range(0, count, chunk)]
             owners.append((mirrored, range(first, len(tasks))))
@@ -86,9 +180,8 @@ def dense_singular_values(matrix: torch.Tensor, splits: torch.Tensor, rank: int)
     sources = {False: matrix}
     if back:
         sources[True] = matrix.flip(-2, -1).transpose(-2, -1)
-    solve = _padded_blocks_values if needs_grad else _compressed_values
-    results = parallel_map(lambda task: _fit(solve(sources[task.mirrored], task), rank), tasks,
-                           matrix.device)
+    results = parallel_map(lambda task: _fit(_compressed_values(sources[task.mirrored], task), rank),
+                           tasks, matrix.device)
 
     pieces = {False: [], True: []}
     for mirrored, own in owners:
@@ -134,11 +227,6 @@ def _groups(short: list[int], length: int, cost: Callable[[int, int, int], int])
         groups.append(tuple(short[start:stop]))
         start = stop
     return groups
-
-
-def _stack_shape(group: tuple[int, ...], length: int, needs_grad: bool) -> tuple[int, int]:
-    widest = group[-1]
-    return (length - group[0] if needs_grad else widest), widest
 
 
 # -- one task ----------------------------------------------------------------------------------------
@@ -203,19 +291,6 @@ def _stack_values(tops: torch.Tensor, triangular: torch.Tensor, splits: tuple[in
         stacks[:, k, : widest - split, :split] = tops[:, split - first:, :split]
         stacks[:, k, widest - split:, :split] = triangular[:, :split, :split]
     return torch.linalg.svdvals(stacks)
-
-
-def _padded_blocks_values(source: torch.Tensor, task: _Task) -> torch.Tensor:
-    """``[m, g, min]`` singular values of the group's blocks ``T[i:, :i]``, zero-padded alike."""
-    part = source[task.rows]
-    length = part.shape[-1]
-    low, widest = task.splits[0], task.splits[-1]
-    device = part.device
-    split = torch.tensor(task.splits, device=device)[:, None, None]
-    rows = torch.arange(low, length, device=device)[None, :, None]
-    cols = torch.arange(widest, device=device)[None, None, :]
-    mask = (rows >= split) & (cols < split)  # [g, L - low, b]
-    return torch.linalg.svdvals(part[:, None, low:, :widest] * mask)
 
 
 def _fit(values: torch.Tensor, rank: int) -> torch.Tensor:

@@ -6,12 +6,22 @@ inputs before ``i``. Its rank is the smallest state any recurrence needs to carr
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, NamedTuple
 
 import torch
 
-from ess_reg.functional.dense_route import dense_singular_values
+from ess_reg.functional import dense_route
+from ess_reg.functional._scaling import (
+    LN2,
+    floor_log_decay,
+    flush_subnormal,
+    limit_gradient,
+    normalize_channels,
+    power_of_two_exponent,
+)
 from ess_reg.functional.gramian_route import gramian_singular_values
+from ess_reg.functional.memory import memory_budget, require_fits
 from ess_reg.functional.spectrum import entropy_ess, tolerance_ess
 from ess_reg.functional.splits import Splits, max_block_rank, resolve_splits
 from ess_reg.operators import DiagonalRealization, Operator, as_operator
@@ -25,6 +35,57 @@ DEFAULT_TOL = 1e-3
 _METHODS = ("auto", "dense", "gramian")
 _KINDS = ("entropy", "tolerance")
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+class SplitSpectrum(NamedTuple):
+    """Singular values of the split blocks in scaled form: ``sigma = values * exp(log_scale)``.
+
+    ``values`` ``[..., C, S, R]`` (compute dtype, descending, each split's largest in ``[1, 2)`` or
+    the split all zero, exactly zero past ``min(i, L - i)`` and below resolution) and ``log_scale``
+    ``[..., C, S]`` (no gradient). ESS depends only on ``values``; the scale keeps blocks far below
+    or above their channel's magnitude exact (a float32 compute dtype holds ``values`` of a block
+    ``1e-30`` below its channel as well as those of the channel's largest block).
+    """
+
+    values: torch.Tensor
+    log_scale: torch.Tensor
+
+    def singular_values(self) -> torch.Tensor:
+        """``values * exp(log_scale)`` in float64 (or the values' dtype if it is wider)."""
+        wide = torch.promote_types(self.values.dtype, torch.float64)
+        return self.values.to(wide) * torch.exp(self.log_scale.to(wide))[..., None]
+
+
+def split_spectrum(
+    operator: OperatorLike,
+    *,
+    splits: Splits = None,
+    method: Method = "auto",
+    dtype: torch.dtype = torch.float64,
+) -> SplitSpectrum:
+    """Singular values of every split block ``H_i = T[i:, :i]`` in scaled form (see
+    :class:`SplitSpectrum`), in the compute ``dtype``; arguments as in
+    :func:`split_singular_values`. Differentiable through ``values``."""
+    op = as_operator(operator)
+    compute = _check_dtype(dtype)
+    index = resolve_splits(splits, op.seq_len)
+    route = _route(op, index, method)
+    _require_finite_operator(op)
+    rank = max_block_rank(index, op.seq_len)
+    if op.state_size is not None:
+        rank = min(rank, op.state_size)
+    with torch.autocast(op.device.type, enabled=False):
+        if route == "gramian":
+            assert isinstance(op, DiagonalRealization)
+            values, log_scale = _gramian_spectrum(op, index, rank, compute)
+        else:
+            values, log_scale = _dense_spectrum(op, index, rank, compute)
+    exponent = power_of_two_exponent(values[..., 0].detach())  # each split's largest into [1, 2)
+    values = values * torch.exp2(-exponent)[..., None]
+    log_scale = log_scale + exponent * LN2
+    values = limit_gradient(values) if values.requires_grad else values
+    return SplitSpectrum(values.reshape(op.shape + values.shape[-2:]),
+                         log_scale.reshape(op.shape + log_scale.shape[-1:]))
 
 
 def split_singular_values(
@@ -49,25 +110,85 @@ def split_singular_values(
 
     Returns:
         ``[..., C, S, R]`` in the operator's dtype, where ``R = max_i min(i, L - i)`` (also capped
-        at the state size for a realization). Values past ``min(i, L - i)`` are zero. Differentiable
-        with respect to the operator's tensors.
+        at the state size for a realization). Values past ``min(i, L - i)`` and at or below
+        ``8 n eps sigma_max`` of their block are zero. Differentiable with respect to the
+        operator's tensors. Values that the operator's dtype cannot hold (a float32 operator's
+        blocks below ``1e-38``) become zero here; :func:`split_spectrum` keeps them in scaled form,
+        and the ESS functions use it.
     """
-    op = as_operator(operator)
-    compute = _check_dtype(dtype)
-    index = resolve_splits(splits, op.seq_len)
-    route = _route(op, index, method)
-    _require_finite_operator(op)
-    rank = max_block_rank(index, op.seq_len)
-    if op.state_size is not None:
-        rank = min(rank, op.state_size)
-    with torch.autocast(op.device.type, enabled=False):
-        if route == "gramian":
-            assert isinstance(op, DiagonalRealization)
-            c, b, log_decay = (_flatten(t) for t in op.factors(compute))
-            values = gramian_singular_values(c, b, log_decay, index, rank)
-        else:
-            values = dense_singular_values(_flatten(op.dense(compute)), index, rank)
-    return values.reshape(op.shape + values.shape[-2:]).to(op.dtype)
+    spectrum = split_spectrum(operator, splits=splits, method=method, dtype=dtype)
+    return spectrum.singular_values().to(as_operator(operator).dtype)
+
+
+def _gramian_spectrum(op: DiagonalRealization, index: torch.Tensor, rank: int,
+                      compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled factors, channel chunks that fit the memory budget, then the Gramian route."""
+    c, b, log_decay, channel_log = _scaled_factors(op, compute)
+    count, length, modes = c.shape
+    width = 2 * modes if c.is_complex() else modes
+    itemsize = c.element_size()
+    needs_grad = torch.is_grad_enabled() and op.requires_grad
+    per_channel = itemsize * (length * width * (12 if needs_grad else 6)
+                              + index.numel() * width * width * (12 if needs_grad else 4))
+    chunks = 1
+    if needs_grad:
+        require_fits(per_channel * count, op.device,
+                     f"the Gramian route with gradients ({count} channels, L={length}, "
+                     f"{index.numel()} splits, state {width})",
+                     "pass fewer splits= (e.g. splits=16) or a smaller batch")
+    else:
+        budget = memory_budget(op.device)
+        require_fits(per_channel, op.device, f"the Gramian route for one channel (L={length}, "
+                     f"{index.numel()} splits, state {width})", "pass fewer splits= (e.g. splits=64)")
+        chunks = max(1, -(-per_channel * count // budget))
+    step = -(-count // chunks)
+    pieces = [gramian_singular_values(c[s:s + step], b[s:s + step],
+                                      None if log_decay is None else log_decay[s:s + step], index, rank)
+              for s in range(0, count, step)]
+    values = torch.cat([p[0] for p in pieces]) if chunks > 1 else pieces[0][0]
+    log_scale = torch.cat([p[1] for p in pieces]) if chunks > 1 else pieces[0][1]
+    return values, log_scale + channel_log[:, None].to(log_scale.dtype)
+
+
+def _dense_spectrum(op: Operator, index: torch.Tensor, rank: int,
+                    compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialize ``T`` (checked against the memory budget first), scale each channel, route."""
+    length = op.seq_len
+    count = math.prod(op.shape)
+    precise = torch.float64 if torch.float64 in (op.dtype, compute) else compute
+    itemsize = torch.empty((), dtype=compute).element_size()
+    held = count * length * length * (torch.empty((), dtype=precise).element_size() + itemsize)
+    workers = max(1, torch.get_num_threads())
+    smallest_task = 4 * itemsize * (length * length // 4 + length)  # one channel, one middle split
+    require_fits(held + workers * smallest_task, op.device,
+                 f"the dense route ({count} channels of {length} x {length})",
+                 "evaluate fewer channels or a shorter sequence, pass splits= to sample fewer splits, "
+                 "or use method='gramian' for a state-space realization")
+    spare = memory_budget(op.device) - held
+    element_budget = max(1, min(dense_route.MEMORY_BUDGET, spare // (workers * 4 * itemsize)))
+    matrix, exponent = op.scaled_dense(precise)
+    matrix, exponent = _flatten(matrix), exponent.reshape(-1)
+    matrix = flush_subnormal(matrix.to(compute))
+    values, log_scale = dense_route.dense_singular_values(matrix, index, rank, element_budget)
+    return values, log_scale + (exponent * LN2)[:, None].to(log_scale.dtype)
+
+
+def _scaled_factors(
+    op: DiagonalRealization, compute: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``[M, L, N]`` factors in the compute dtype, each channel's ``c`` and ``b`` scaled by a power
+    of two to a largest entry in ``[1, 2)`` (in their own dtype, before the cast), subnormals
+    flushed; the log-decay in float64 (complex128), its real part floored at
+    ``LOG_DECAY_FLOOR``; and ``[M]`` the channels' log scales."""
+    target = (torch.complex128 if compute == torch.float64 else torch.complex64) if op.is_complex else compute
+    c, exponent_c = normalize_channels(_flatten(op.c), (-2, -1))
+    b, exponent_b = normalize_channels(_flatten(op.b), (-2, -1))
+    c, b = flush_subnormal(c.to(target)), flush_subnormal(b.to(target))
+    log_decay = _flatten(op.log_decay)
+    if log_decay is not None:
+        wide = torch.complex128 if op.is_complex else torch.float64
+        log_decay = floor_log_decay(log_decay.to(wide))
+    return c, b, log_decay, (exponent_c + exponent_b) * LN2
 
 
 def ess_curve(
@@ -89,15 +210,21 @@ def ess_curve(
     gradient. Every ESS obeys ``ESS_i <= min(i, L - i)`` (and ``<= N`` for a realization), so the
     curve always falls to at most 1 at ``i = L - 1``.
 
-    Other arguments as in :func:`split_singular_values`.
+    Other arguments as in :func:`split_singular_values`. Singular values stay in the compute
+    ``dtype`` (and in scaled form, see :func:`split_spectrum`) until the ESS is formed; only the
+    result is cast to the operator's dtype.
     """
     _check_kind(kind)
     _check_tol(tol)
-    values = split_singular_values(operator, splits=splits, method=method, dtype=dtype)
-    compute = _check_dtype(dtype)
-    sigma = values.to(compute)
-    out = entropy_ess(sigma) if kind == "entropy" else tolerance_ess(sigma, tol, relative=relative)
-    return out.to(values.dtype)
+    op = as_operator(operator)
+    spectrum = split_spectrum(op, splits=splits, method=method, dtype=dtype)
+    if kind == "entropy":
+        out = entropy_ess(spectrum.values)
+    elif relative:
+        out = tolerance_ess(spectrum.values, tol, relative=True)
+    else:
+        out = tolerance_ess(spectrum.singular_values(), tol, relative=False)
+    return out.to(op.dtype)
 
 
 def average_ess(operator: OperatorLike, kind: Kind = "entropy", **kwargs) -> torch.Tensor:

@@ -10,7 +10,19 @@ forms ``P_i Q_i``: it keeps triangular square roots ``P_i = U_i^H U_i`` and ``Q_
 ``sigma(H_i) = sigma(V_i U_i^H)``, an ``N x N`` SVD accurate to about ``eps * sigma_max``.
 Values at or below that resolution are reported as exactly zero.
 
-The backward pass differentiates ``sigma`` with respect to the Gramians, which are simple
+**Scaled form.** Trained models produce resets (log-decays of -1e3), channels and positions many
+orders of magnitude apart; squared quantities such as ``P`` and ``1 / sigma^2`` would then leave
+the floating-point range. Everything is therefore carried relative to a scale: the caller scales
+each channel's factors by powers of two, the log-decay cumsum stays in float64, each split's
+roots are scaled by a power of two (``U' = U / 2^e``), and the singular values come back as
+``sigma / 2^(e_U + e_V)`` with the scale as a logarithm. The backward works with scaled Gramians
+``P' = U'^H U' = diag(rho) C diag(rho)``: ``C`` is the Gramian in coordinates scaled by each
+state coordinate's root column norm, built by a recursion whose factors are all at most about 1
+(every exponent is combined in log space before ``exp``), and ``rho`` the column norms of ``U'``.
+So neither ``P`` nor the backward's ``grad / sigma`` weights over- or underflow, whatever the
+operator's scale.
+
+The backward pass differentiates ``sigma`` with respect to the (scaled) Gramians, which are simple
 differentiable functions of ``c``, ``b`` and the decays: for a singular triplet ``(sigma, x, y)`` of
 ``V U^H``, ``d sigma = (w^H dP w + z^H dQ z) / (2 sigma)`` with ``w = V^H x`` and ``z = U^H y``. Only
 values above the resolution take part, so gradients stay finite for rank-deficient blocks, for
@@ -33,12 +45,11 @@ import math
 import torch
 
 from ess_reg._parallel import parallel_map
+from ess_reg.functional._scaling import LN2, RESOLUTION_FACTOR, clean_values, normalize_channels
 from ess_reg.functional._sweeps import masked_exp, square_root_sweep
 
 #: Splits per batched SVD call (bounds memory and feeds the thread pool).
 _SVD_CHUNK = 512
-#: Singular values at or below ``_RESOLUTION_FACTOR * n * eps * sigma_max`` are set to zero.
-_RESOLUTION_FACTOR = 8.0
 
 
 def gramian_singular_values(
@@ -47,17 +58,21 @@ def gramian_singular_values(
     log_decay: torch.Tensor | None,
     splits: torch.Tensor,
     rank: int,
-) -> torch.Tensor:
-    """Singular values of the split blocks of a diagonal realization.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values of the split blocks of a diagonal realization, in scaled form.
 
     Args:
-        c, b: ``[M, L, N]`` in the compute dtype (real, or complex for a complex realization).
-        log_decay: ``[M, L, N]``, ``[M, L, 1]`` or None, same dtype family as ``c``.
+        c, b: ``[M, L, N]`` in the compute dtype (real, or complex for a complex realization),
+            each channel scaled to a largest entry of about 1, subnormals flushed.
+        log_decay: ``[M, L, N]``, ``[M, L, 1]`` or None, in float64 (complex128 for a complex
+            realization) whatever the compute dtype.
         splits: ``[S]`` int64 split indices on the CPU (any order, repeats allowed).
         rank: number of values kept per split (``R <= state size``).
 
     Returns:
-        ``[M, S, R]`` real, descending, exactly zero past ``min(i, L - i)`` and below resolution.
+        ``values`` ``[M, S, R]`` (real, descending, exactly zero past ``min(i, L - i)`` and below
+        resolution) and ``log_scale`` ``[M, S]``: the singular values are
+        ``values * exp(log_scale)``.
     """
     c, b, log_decay = _augment(c, b, log_decay)
     length = c.shape[-2]
@@ -66,14 +81,16 @@ def gramian_singular_values(
     )
     unique, inverse = torch.unique(splits, sorted=True, return_inverse=True)
     segments = _Segments(c, b, log_decay, unique)
-    values = segments.singular_values(needs_grad)[:, inverse.to(c.device)]
+    values, log_scale = segments.spectrum(needs_grad)
+    inverse = inverse.to(c.device)
+    values, log_scale = values[:, inverse], log_scale[:, inverse]
     width = values.shape[-1]
     values = values[..., :rank] if width >= rank else torch.nn.functional.pad(
         values, (0, rank - width)
     )
     limit = torch.minimum(splits, length - splits).to(values.device)
     keep = torch.arange(rank, device=values.device) < limit[:, None]
-    return values * keep
+    return values * keep, log_scale
 
 
 # -- complex augmentation --------------------------------------------------------------------------
@@ -96,49 +113,54 @@ class _Segments:
     """Inputs and outputs grouped between consecutive requested splits ``s_1 < ... < s_S``.
 
     Forward segment ``k`` holds inputs ``j`` in ``[s_{k-1}, s_k)`` (``s_0 = 0``) with rows
-    ``r_j = b_j * exp(G_{s_k - 1} - G_j)``; ``reach_decay[k] = exp(G_{s_k - 1} - G_{s_{k-1} - 1})``
-    carries the state from one split to the next. Backward segment ``k`` holds outputs ``t`` in
-    ``[s_k, s_{k+1})`` (``s_{S+1} = L``) with rows ``o_t = c_t * exp(G_t - G_{s_k - 1})`` and
-    ``observe_decay[k] = exp(G_{s_{k+1} - 1} - G_{s_k - 1})``.
+    ``r_j = b_j * exp(G_{s_k - 1} - G_j)``; backward segment ``k`` holds outputs ``t`` in
+    ``[s_k, s_{k+1})`` (``s_{S+1} = L``) with rows ``o_t = c_t * exp(G_t - G_{s_k - 1})``. The
+    exponents are kept in float64 (``G`` is the log-decay cumsum) and only meet ``exp`` combined
+    with the scales they are measured against. Only rows some segment holds are formed (inputs
+    before ``s_S``, outputs from ``s_1`` on); the others are zero.
     """
 
     def __init__(
         self, c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None, splits: torch.Tensor
     ) -> None:
         length = c.shape[-2]
+        self.c, self.b = c, b
         self.bounds = [0, *splits.tolist(), length]
         self.count = splits.numel()
-        self.device = c.device
-        if log_decay is None:
-            self.reach, self.observe = b, c
-            self.reach_decay = self.observe_decay = self.anchor_log = None
-            return
-        cum = torch.cumsum(log_decay, dim=-2)  # G: [M, L, N']
+        self.device, self.dtype = c.device, c.dtype
+        self.inputs = slice(0, self.bounds[-2])  # rows of the forward segments
+        self.outputs = slice(self.bounds[1], length)  # rows of the backward segments
         time = torch.arange(length)
         split = splits.to(torch.long)
-        # Each input's segment end s_k - 1, each output's segment start s_k - 1.
-        seg_of_input = torch.searchsorted(split, time, right=True).clamp(max=self.count - 1)
-        seg_of_output = (torch.searchsorted(split, time, right=True) - 1).clamp(min=0)
-        end = (split[seg_of_input] - 1).to(c.device)
-        start = (split[seg_of_output] - 1).to(c.device)
-        before_last = (time < split[-1]).to(c.device)[None, :, None]
-        self.reach = b * masked_exp(cum[:, end] - cum, before_last)
-        from_first = (time >= split[0]).to(c.device)[None, :, None]
-        self.observe = c * masked_exp(cum - cum[:, start], from_first)
+        after = torch.searchsorted(split, time, right=True)
+        self.input_segment = after.clamp(max=self.count - 1).to(c.device)[self.inputs]
+        self.output_segment = (after - 1).clamp(min=0).to(c.device)[self.outputs]
+        if log_decay is None:
+            self.reach_log = self.observe_log = self.anchor_log = None
+            return
+        cum = torch.cumsum(log_decay, dim=-2)  # G: [M, L, N'] in float64 / complex128
         anchors = (split - 1).to(c.device)
-        previous = torch.cat([anchors[:1], anchors[:-1]])
-        following = torch.cat([anchors[1:], anchors[-1:]])
-        self.reach_decay = torch.exp(cum[:, anchors] - cum[:, previous])  # [M, S, N']
-        self.observe_decay = torch.exp(cum[:, following] - cum[:, anchors])
+        # G_{s_k - 1} - G_j for inputs and G_t - G_{s_k - 1} for outputs: never positive
+        self.reach_log = cum[:, anchors[self.input_segment]] - cum[:, self.inputs]
+        self.observe_log = cum[:, self.outputs] - cum[:, anchors[self.output_segment]]
         self.anchor_log = cum[:, anchors]  # G_{s_k - 1}: [M, S, N']
+
+    def _full(self, rows: torch.Tensor, part: slice) -> torch.Tensor:
+        """``[M, L, N']`` with ``rows`` at ``part`` and zeros elsewhere."""
+        length = self.c.shape[-2]
+        return torch.nn.functional.pad(rows, (0, 0, part.start, length - part.stop))
 
     # -- square roots (no autograd) --
     def roots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``U_k`` and ``V_k`` with ``P = U^H U`` and ``Q = V^H V`` at every split: ``[M, S, N', N']``."""
         with torch.no_grad():
-            reach = self.reach.detach().conj()
-            observe = self.observe.detach()
-            anchor_log = None if self.anchor_log is None else self.anchor_log.detach()
+            reach, observe = self.b[:, self.inputs].detach(), self.c[:, self.outputs].detach()
+            if self.reach_log is not None:
+                reach = reach * torch.exp(self.reach_log.detach()).to(self.dtype)
+                observe = observe * torch.exp(self.observe_log.detach()).to(self.dtype)
+            reach = self._full(reach, self.inputs).conj()
+            observe = self._full(observe, self.outputs)
+            anchor_log = _detached(self.anchor_log)
             reach_log = None if anchor_log is None else anchor_log.conj()
         sweeps = (
             lambda: square_root_sweep(reach, reach_log, self.bounds, forward=True),
@@ -147,46 +169,99 @@ class _Segments:
         roots_p, roots_q = parallel_map(lambda sweep: sweep(), sweeps, self.device)
         return roots_p, roots_q
 
-    # -- Gramians (differentiable) --
-    def gramians(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``P_k = R R^H`` and ``Q_k = O^H O`` at every split, through autograd: ``[M, S, N', N']``."""
-        gram_p, gram_q = [], []
-        batch, _, n = self.reach.shape
-        gram = self.reach.new_zeros(batch, n, n)
-        for k in range(self.count):
-            seg = self.reach[:, self.bounds[k]:self.bounds[k + 1]]
-            if self.reach_decay is not None:
-                a = self.reach_decay[:, k]
-                gram = gram * (a[:, :, None] * a.conj()[:, None, :])
-            gram = gram + seg.mT @ seg.conj()
-            gram_p.append(gram)
-        gram = self.observe.new_zeros(batch, n, n)
-        for k in range(self.count - 1, -1, -1):
-            seg = self.observe[:, self.bounds[k + 1]:self.bounds[k + 2]]
-            if self.observe_decay is not None:
-                a = self.observe_decay[:, k]
-                gram = gram * (a.conj()[:, :, None] * a[:, None, :])
-            gram = gram + seg.mH @ seg
-            gram_q.append(gram)
-        return torch.stack(gram_p, dim=1), torch.stack(gram_q[::-1], dim=1)
+    # -- scaled Gramians (differentiable) --
+    def scaled_gramians(
+        self, root_p: torch.Tensor, exponent_p: torch.Tensor, root_q: torch.Tensor, exponent_q: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P'_k = U'^H U'`` and ``Q'_k = V'^H V'`` of the scaled roots, through autograd.
 
-    def singular_values(self, needs_grad: bool) -> torch.Tensor:
-        """``[M, S, N']`` singular values at the requested splits (sorted order)."""
+        Each is ``diag(rho) C diag(rho)`` with ``rho`` the column norms of the scaled root and ``C``
+        the Gramian in coordinates scaled by the unscaled root's column norms ``Sigma = rho 2^e``,
+        accumulated split by split: ``C_k = (e e^H) * C_{k-1} + sum_j r~_j r~_j^H`` with
+        ``r~ = r / Sigma_k`` and ``e = decay * Sigma_{k-1} / Sigma_k``, both at most about 1.
+        """
+        gram_p = self._accumulate(self.b, self.reach_log, root_p, exponent_p, forward=True)
+        gram_q = self._accumulate(self.c, self.observe_log, root_q, exponent_q, forward=False)
+        return gram_p, gram_q
+
+    def _accumulate(self, factors, row_log, root, exponent, forward: bool) -> torch.Tensor:
+        # column norms of the scaled root (largest entry about 1: the squares cannot overflow, and a
+        # column whose squares underflow is below every split's resolution)
+        power = root.real.square() + root.imag.square() if root.is_complex() else root.square()
+        rho = power.sum(-2).sqrt()
+        live = rho > 0
+        safe = torch.where(live, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
+        log_norm = torch.log(safe.double()) + exponent.double()[..., None] * LN2  # log Sigma
+        part, segment = (self.inputs, self.input_segment) if forward else (self.outputs, self.output_segment)
+        # dead coordinates get log Sigma = +inf, so their rows are exactly 0; every other exponent
+        # is at most -log|factor| (a row never exceeds its column's norm), so exp cannot overflow
+        row_scale = torch.where(live, log_norm, torch.full((), torch.inf, dtype=log_norm.dtype,
+                                                            device=rho.device))[:, segment]
+        exponent_rows = -row_scale if row_log is None else row_log - row_scale
+        rows = factors[:, part] * torch.exp(exponent_rows).to(self.dtype)
+        step = 0.0 if self.anchor_log is None else self.anchor_log[:, 1:] - self.anchor_log[:, :-1]
+        both = live[:, :-1] & live[:, 1:]
+        if forward:  # carried from split k-1 to k
+            carry = masked_exp(step + log_norm[:, :-1] - log_norm[:, 1:], both).to(self.dtype)
+        else:  # carried from split k+1 to k
+            carry = masked_exp(step + log_norm[:, 1:] - log_norm[:, :-1], both).to(self.dtype)
+        batch, _, n = rows.shape
+        gram = rows.new_zeros(batch, n, n)
+        out: list[torch.Tensor] = []
+        order = range(self.count) if forward else range(self.count - 1, -1, -1)
+        offset = part.start
+        for k in order:
+            if forward:
+                seg = rows[:, self.bounds[k] - offset:self.bounds[k + 1] - offset]
+                if k > 0:
+                    a = carry[:, k - 1]
+                    gram = gram * (a[:, :, None] * a.conj()[:, None, :])
+                gram = gram + seg.mT @ seg.conj()
+            else:
+                seg = rows[:, self.bounds[k + 1] - offset:self.bounds[k + 2] - offset]
+                if k < self.count - 1:
+                    a = carry[:, k]
+                    gram = gram * (a.conj()[:, :, None] * a[:, None, :])
+                gram = gram + seg.mH @ seg
+            out.append(gram)
+        stacked = torch.stack(out if forward else out[::-1], dim=1)  # [M, S, N', N']
+        weight = rho.to(stacked.real.dtype)
+        return stacked * (weight[..., :, None] * weight[..., None, :])
+
+    def spectrum(self, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[M, S, N']`` scaled singular values and ``[M, S]`` log scales (sorted split order).
+
+        Without gradients the values are channel-relative (log scale 0): the roots are at most about
+        ``sqrt(L)`` and a product that underflows lies below the absolute floor anyway. With
+        gradients each split's roots are scaled to a largest entry of about 1 first, so that the
+        backward's weights stay in range.
+        """
         roots_p, roots_q = self.roots()
-        if needs_grad:
-            gram_p, gram_q = self.gramians()
-            return _HankelSingularValues.apply(gram_p, gram_q, roots_p, roots_q)
-        chunks = [slice(k, k + _SVD_CHUNK) for k in range(0, self.count, _SVD_CHUNK)]
-        pieces = parallel_map(
-            lambda part: _singular_values(roots_p[:, part], roots_q[:, part]), chunks, self.device
-        )
-        return torch.cat(pieces, dim=1)
+        if not needs_grad:
+            chunks = [slice(k, k + _SVD_CHUNK) for k in range(0, self.count, _SVD_CHUNK)]
+            pieces = parallel_map(
+                lambda part: _singular_values(roots_p[:, part], roots_q[:, part]), chunks, self.device
+            )
+            values = torch.cat(pieces, dim=1)
+            exponent = values.new_zeros(values.shape[:-1])
+        else:
+            root_p, exponent_p = normalize_channels(roots_p, (-2, -1))
+            root_q, exponent_q = normalize_channels(roots_q, (-2, -1))
+            exponent = exponent_p + exponent_q
+            gram_p, gram_q = self.scaled_gramians(root_p, exponent_p, root_q, exponent_q)
+            values = _HankelSingularValues.apply(gram_p, gram_q, root_p, root_q)
+        values = clean_values(values, exponent, roots_p.shape[-1])
+        return values, (exponent * LN2).to(values.dtype)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 # -- the small SVD and its derivative ---------------------------------------------------------------
 def _resolution(values: torch.Tensor, n: int) -> torch.Tensor:
     eps = torch.finfo(values.dtype).eps
-    return _RESOLUTION_FACTOR * n * eps * values[..., :1]
+    return RESOLUTION_FACTOR * n * eps * values[..., :1]
 
 
 def _singular_values(root_p: torch.Tensor, root_q: torch.Tensor) -> torch.Tensor:
@@ -195,7 +270,11 @@ def _singular_values(root_p: torch.Tensor, root_q: torch.Tensor) -> torch.Tensor
 
 
 class _HankelSingularValues(torch.autograd.Function):
-    """``sigma(V U^H)`` whose gradient is routed to the Gramians ``P = U^H U`` and ``Q = V^H V``."""
+    """``sigma(V U^H)`` whose gradient is routed to the Gramians ``P = U^H U`` and ``Q = V^H V``.
+
+    Called with scaled roots (largest entry about 1), so ``sigma`` is about 1 at most and the
+    weights ``grad / (2 sigma)`` stay below about ``1 / resolution``.
+    """
 
     @staticmethod
     def forward(ctx, gram_p, gram_q, root_p, root_q):

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from ess_reg.functional.ess import DEFAULT_TOL, split_singular_values
+from ess_reg.functional.ess import DEFAULT_TOL, split_spectrum
 from ess_reg.functional.spectrum import entropy_ess, tolerance_ess
 from ess_reg.functional.splits import Splits, resolve_splits
 from ess_reg.operators import Operator, as_operator
@@ -34,7 +34,8 @@ def _ess_update(
     """
     op = as_operator(operator)
     index = resolve_splits(splits, op.seq_len)
-    sigma = split_singular_values(op, splits=index, dtype=dtype).to(dtype)
+    spectrum = split_spectrum(op, splits=index, dtype=dtype)
+    sigma = spectrum.values if relative else spectrum.singular_values().to(dtype)
     sigma = sigma.reshape(-1, op.num_channels, *sigma.shape[-2:])  # [B, C, S, R]
     if op.state_size is not None:
         capacity = torch.full((index.numel(),), float(op.state_size), dtype=dtype)

@@ -45,6 +45,19 @@ class Operator(ABC):
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Materialize ``T`` as a lower-triangular ``[..., C, L, L]`` tensor in ``dtype``."""
 
+    def scaled_dense(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``T`` up to a power of two per channel: ``(T', e)`` with ``T = T' * 2^e``, ``T'``
+        ``[..., C, L, L]`` in ``dtype`` with a largest entry in ``[1, 2)`` (or all zero), ``e``
+        ``[..., C]`` float and detached.
+
+        ESS does not depend on a channel's scale, so the dense route uses this form; realizations
+        override it to materialize without ever forming the unscaled products.
+        """
+        from ess_reg.functional._scaling import normalize_channels
+
+        matrix = self.dense(dtype)
+        return normalize_channels(matrix, (-2, -1))
+
     @abstractmethod
     def to(self, *args: Any, **kwargs: Any) -> Operator:
         """Move or cast like :meth:`torch.Tensor.to`; returns a new operator."""

@@ -147,9 +147,29 @@ class DiagonalRealization(Operator):
         runs over state modes, not over time.
         """
         out_dtype = self.dtype if dtype is None else dtype
-        compute = torch.float64
-        c, b, log_decay = self.factors(compute)
-        return materialize(c, b, log_decay).to(out_dtype)
+        matrix, exponent = self._scaled_materialize()
+        return (matrix * torch.exp2(exponent)[..., None, None]).to(out_dtype)
+
+    def scaled_dense(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T', e)`` with ``T = T' * 2^e`` per channel (see :meth:`Operator.scaled_dense`):
+        ``c`` and ``b`` are scaled per channel before any product, so factors far outside
+        ``1e-150 .. 1e150`` never under- or overflow."""
+        from ess_reg.functional._scaling import normalize_channels
+
+        matrix, exponent = self._scaled_materialize()
+        matrix, extra = normalize_channels(matrix, (-2, -1))
+        return matrix.to(self.dtype if dtype is None else dtype), exponent + extra
+
+    def _scaled_materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``T`` in float64 with ``c`` and ``b`` scaled by powers of two per channel, and the
+        ``[..., C]`` exponent of the scale it lacks."""
+        from ess_reg.functional._scaling import floor_log_decay, normalize_channels
+
+        c, b, log_decay = self.factors(torch.float64)
+        log_decay = floor_log_decay(log_decay)
+        c, exponent_c = normalize_channels(c, (-2, -1))
+        b, exponent_b = normalize_channels(b, (-2, -1))
+        return materialize(c, b, log_decay), exponent_c + exponent_b
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(c, b, log_decay)`` cast to the real ``dtype`` (complex counterpart if complex)."""

@@ -26,6 +26,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _splits(text: str) -> int | None:
+    """A positive number of splits, or ``all`` (``None``: every split)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text!r}") from None
+
+
+def _evenly_spaced_splits(text: str) -> int:
+    """A positive number of evenly spaced splits; ``all`` asks for more than any sequence has."""
+    count = _splits(text)
+    return _EVERY_SPLIT if count is None else count
+
+
+#: A split count no sequence reaches: ``resolve_splits`` then takes all ``L - 1`` splits.
+_EVERY_SPLIT = 1 << 62
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -78,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--reg-kind", default=defaults.reg_kind,
                        choices=["entropy", "soft_tolerance", "transition"],
                        help="ESS regularizer kind, or the paper's ||A - I||_F transition penalty")
-    train.add_argument("--reg-splits", type=_positive, default=defaults.reg_splits,
-                       help="random splits per step for the ESS regularizer")
+    train.add_argument("--reg-splits", type=_splits, default=defaults.reg_splits,
+                       help="random splits per step for the ESS regularizer ('all': every split)")
 
     analyze = commands.add_parser("analyze", help="per-layer ESS table of a trained run")
     analyze.add_argument("run", nargs="?", help="run folder or checkpoint.pt written by 'ess-reg train'")
@@ -91,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seq-len", type=_positive, default=64,
                          help="--hf: length of the random token sequences used without --ids/--text")
     analyze.add_argument("--examples", type=_positive, default=32, help="fresh task inputs to analyse")
-    analyze.add_argument("--splits", type=_positive, default=None,
-                         help="evenly spaced splits (default all; 64 for attention-like layers with L > 257)")
+    analyze.add_argument("--splits", type=_evenly_spaced_splits, default=None,
+                         help="evenly spaced splits, or all (default: all; 64 for attention-like "
+                              "layers with L > 257)")
     analyze.add_argument("--seed", type=int, default=12345, help="seed of the fresh inputs")
     analyze.add_argument("--device", default="cpu")
     analyze.add_argument("--out", default=None, help="where to save the curve plot (default: the run)")
@@ -101,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--seq-len", type=_positive, default=256, help="sequence length L")
     show.add_argument("--state", type=_positive, default=16, help="state size N per channel")
     show.add_argument("--channels", type=_positive, default=8, help="channels per operator")
-    show.add_argument("--splits", type=_positive, default=None, help="evenly spaced splits (default all)")
+    show.add_argument("--splits", type=_evenly_spaced_splits, default=None,
+                      help="evenly spaced splits (default all)")
     show.add_argument("--seed", type=int, default=0)
     return parser
 

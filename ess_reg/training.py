@@ -50,7 +50,7 @@ class TrainConfig:
     reg_weight: float = 0.0
     reg_target: str = "max"
     reg_kind: str = "entropy"
-    reg_splits: int = 8
+    reg_splits: int | None = 8
     tensorboard: bool = False
     init: str = "none"
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)

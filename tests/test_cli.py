@@ -34,3 +34,10 @@ def test_bad_arguments_exit_2_without_traceback(argv, capsys):
 def test_invalid_values_exit_2(capsys):
     assert main(["showcase", "--seq-len", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_splits_all_means_every_split(capsys):
+    assert main(["showcase", "--seq-len", "12", "--state", "2", "--channels", "1", "--splits", "all"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["showcase", "--splits", "some"])
+    assert exc.value.code == 2 and "'all'" in capsys.readouterr().err

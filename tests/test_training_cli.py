@@ -94,3 +94,8 @@ def test_regularizer_flags(tmp_path):
                        out=str(tmp_path / kind))
         assert "reg_loss" in train(config, progress=False)
     assert main(["train", "--init", "xavier", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+
+
+def test_regularizer_on_every_split(tmp_path):
+    config = _tiny(tmp_path, reg_weight=0.1, reg_splits=None, out=str(tmp_path / "all"))
+    assert "reg_loss" in train(config, progress=False)

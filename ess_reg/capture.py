@@ -127,11 +127,22 @@ def hook_operators(
     return handles
 
 
+def _never() -> bool:
+    return False
+
+
 class _ArmHook:
-    """Pre-forward hook: decides whether this forward builds an operator (picklable)."""
+    """Pre-forward hook: decides whether this forward builds an operator (picklable).
+
+    A deep copy of a hooked model (an EMA or SWA copy) gets an inert copy of the hook: the copy
+    never builds operators, and the regularizer or metric behind the hook is not copied with it.
+    """
 
     def __init__(self, entry: _Entry, active: Callable[[], bool]) -> None:
         self.entry, self.active, self.armed = entry, active, False
+
+    def __deepcopy__(self, memo: dict) -> _ArmHook:
+        return _ArmHook(self.entry, _never)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         self.armed = bool(self.active())
@@ -145,11 +156,19 @@ class _ExtractHook:
     def __init__(self, name: str, entry: _Entry, arm: _ArmHook, callback: OperatorCallback) -> None:
         self.name, self.entry, self.arm, self.callback = name, entry, arm, callback
 
+    def __deepcopy__(self, memo: dict) -> _ExtractHook:
+        arm = memo.get(id(self.arm)) or self.arm.__deepcopy__(memo)
+        return _ExtractHook(self.name, self.entry, arm, _ignore)
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.arm.armed:
             return None
         self.arm.armed = False
         return self.callback(self.name, module, self.entry.extract(module, args, kwargs, output), output)
+
+
+def _ignore(name: str, module: nn.Module, operator: Operator, output: Any) -> None:
+    return None
 
 
 def _load_integrations() -> None:
@@ -169,7 +188,8 @@ def _entry_for(module: nn.Module) -> _Entry | None:
 
 
 def _mixer_operator(module: SequenceMixer, args, kwargs, output) -> Operator:
-    return module.captured_operator
+    # taken off the module by its last reader: nothing on a module may hold an autograd graph
+    return module.take_operator()
 
 
 register_extractor(SequenceMixer, _mixer_operator, prepare=SequenceMixer.request_capture)

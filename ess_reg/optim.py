@@ -106,21 +106,26 @@ class ESSOptimizer(Optimizer):
         return f"ESSOptimizer({self.optimizer!r}, {self.regularizer!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer, "regularizer": self.regularizer}
+        return {"optimizer": self.optimizer, "regularizer": self.regularizer,
+                "grad_scaler": self.regularizer._grad_scaler}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["optimizer"], state["regularizer"])
+        self.__init__(state["optimizer"], state["regularizer"], grad_scaler=state.get("grad_scaler"))
 
     # -- optimizer API --------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Run ``closure`` (forward and backward: the penalty's gradient is added there), step the
-        base optimizer, then advance the regularizer's schedule."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.optimizer.step()
+        """Step the base optimizer with ``closure`` (forward and backward: the penalty's gradient is
+        added there; an optimizer such as ``torch.optim.LBFGS`` may call it several times), then
+        advance the regularizer's schedule."""
+        if closure is None:
+            loss = self.optimizer.step()
+        else:
+            def with_grad() -> Any:
+                with torch.enable_grad():
+                    return closure()
+
+            loss = self.optimizer.step(with_grad)
         self.regularizer.advance()
         return loss
 

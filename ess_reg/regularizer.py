@@ -86,7 +86,14 @@ class ESSRegularizer:
         self._grad_scaler: Any = None
         self._split_cache: dict[int, torch.Tensor] = {}
         self._split_step = -1
+        self._pending: dict[str, list[Operator]] = {}  # loss-term mode: operators awaiting reg()
+        self._calls: dict[str, int] = {}  # calls of each layer in the model's current forward
+        self._handles: list = []
+        self._hook()
+
+    def _hook(self) -> None:
         self._handles = hook_operators(self.modules, self._on_forward, active=self._capture_now)
+        self._handles.append(self.model.register_forward_pre_hook(_StartForward(self)))
 
     # -- schedule ------------------------------------------------------------------------------
     @property
@@ -119,15 +126,30 @@ class ESSRegularizer:
                 "do not also add reg() to the loss (call detach() to use it as a loss term)"
             )
         try:
-            if not self._capture_now() or not self.operators:
+            if self.weight == 0 or not self.is_active():
                 return torch.zeros((), device=self._device())
-            layers = len(self.operators)
-            terms = [self._layer_term(name, op, layers) for name, op in self.operators.items()]
+            if not self._handles:
+                raise RuntimeError(
+                    "this ESSRegularizer's hooks were removed (remove() or the end of its with-block), "
+                    "so it has nothing to penalize; create a new one, or call attach() to hook the "
+                    "model again")
+            if not self._pending:
+                raise RuntimeError(
+                    "reg() found no operator from a forward since the last reg(): call it after the "
+                    "model's forward, with gradients enabled (under torch.no_grad() or reentrant "
+                    "activation checkpointing (use_reentrant=True) the hooks see no graph and capture "
+                    "nothing; use use_reentrant=False)")
+            pending, self._pending = self._pending, {}
+            layers = len(pending)
+            terms = [self._layer_term(name, op, 1.0 / (layers * len(ops)))
+                     for name, ops in pending.items() for op in ops]
+            for name, ops in pending.items():
+                self.operators[name] = _detached(ops[-1])
             return torch.stack([t.to(terms[0].device) for t in terms]).sum()
         finally:
             self.advance()
 
-    def _layer_term(self, name: str, op: Operator, layers: int) -> torch.Tensor:
+    def _layer_term(self, name: str, op: Operator, share: float) -> torch.Tensor:
         value = self.utilization(op)
         self.values[name] = value.detach()
         if self.target == "max":
@@ -136,7 +158,7 @@ class ESSRegularizer:
             term = value
         else:
             term = (value - float(self.target)) ** 2
-        return self.weight / layers * term
+        return self.weight * share * term
 
     def utilization(self, op: Operator) -> torch.Tensor:
         """``v``: ESS (or ESS / TSS when normalizing) averaged over this step's splits, channels
@@ -176,14 +198,19 @@ class ESSRegularizer:
 
     # -- hooks and modes ---------------------------------------------------------------------------
     def _on_forward(self, name: str, module: nn.Module, op: Operator, output: Any) -> Any:
-        self.operators[name] = op
+        calls = self._calls
+        calls[name] = calls.get(name, 0) + 1
         if not self._attached or not isinstance(output, torch.Tensor):
+            self.operators[name] = op
+            self._pending.setdefault(name, []).append(op)
             return None
-        layers = len(self.modules)
+        self.operators[name] = _detached(op)  # the injection node holds the graph until backward
         tensors = op.tensors()
 
         def penalty(leaves: list[torch.Tensor]) -> torch.Tensor:
-            return self._layer_term(name, _rebuild(op, leaves), layers)
+            # read at backward time, when the forward has counted every layer and call: a layer
+            # called twice counts half per call, so attached and loss-term modes agree
+            return self._layer_term(name, op.rebuild(leaves), 1.0 / (len(calls) * calls[name]))
 
         return _InjectPenalty.apply(penalty, self, output, *tensors)
 
@@ -197,6 +224,8 @@ class ESSRegularizer:
         (``ESSOptimizer`` does it on every step).
         """
         self._attached, self._grad_scaler = True, grad_scaler
+        if not self._handles:  # hooked again after remove()
+            self._hook()
         return self
 
     def detach(self) -> ESSRegularizer:
@@ -218,7 +247,7 @@ class ESSRegularizer:
         """Remove all hooks and drop kept operators."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self.operators = [], {}
+        self._handles, self.operators, self._pending = [], {}, {}
 
     def __enter__(self) -> ESSRegularizer:
         return self
@@ -234,7 +263,7 @@ class ESSRegularizer:
         """Pickles with its model and hooks (the hooks are picklable objects), not the kept
         operators or a grad scaler."""
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("operators", "generator", "_grad_scaler", "_split_cache")}
+                 if k not in ("operators", "generator", "_grad_scaler", "_split_cache", "_pending", "_calls")}
         state["generator_state"] = self.generator.get_state()
         return state
 
@@ -244,11 +273,40 @@ class ESSRegularizer:
         self.generator = torch.Generator()
         self.generator.set_state(generator_state)
         self.operators, self._grad_scaler, self._split_cache = {}, None, {}
+        self._pending, self._calls = {}, {}
 
     def __repr__(self) -> str:
         mode = "attached" if self._attached else "loss-term"
         return (f"ESSRegularizer(weight={self.weight}, kind={self.kind!r}, target={self.target!r}, "
                 f"layers={len(self.modules)}, mode={mode}, step={self.step_count})")
+
+
+class _StartForward:
+    """Model pre-forward hook: a new forward starts counting layer calls afresh (picklable)."""
+
+    def __init__(self, regularizer: ESSRegularizer) -> None:
+        self.regularizer = regularizer
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.regularizer._calls = {}
+
+    def __deepcopy__(self, memo: dict) -> _StartForward | None:
+        return _InertHook()
+
+
+class _InertHook:
+    """What a deep copy of a hooked model gets instead of the regularizer's hook."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+def _detached(op: Operator) -> Operator:
+    """``op`` over detached tensors (kept for logging; holds no autograd graph), if it can be rebuilt."""
+    try:
+        return op.rebuild([t.detach() for t in op.tensors()])
+    except NotImplementedError:
+        return op
 
 
 class _InjectPenalty(torch.autograd.Function):
@@ -259,7 +317,7 @@ class _InjectPenalty(torch.autograd.Function):
     def forward(ctx, penalty, regularizer, output, *tensors):
         ctx.penalty, ctx.regularizer = penalty, regularizer
         ctx.save_for_backward(*tensors)
-        return output.view_as(output)
+        return output.clone()  # a view would forbid in-place ops on the module's output
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -276,19 +334,6 @@ class _InjectPenalty(torch.autograd.Function):
             grad = next(grads) if leaf.requires_grad else None
             out.append(None if grad is None else grad * scale)
         return (None, None, grad_output, *out)
-
-
-def _rebuild(op: Operator, tensors: list[torch.Tensor]) -> Operator:
-    """The same operator over replacement tensors (in :meth:`Operator.tensors` order)."""
-    from ess_reg.operators import DenseOperator, DiagonalRealization
-
-    if isinstance(op, DenseOperator):
-        return DenseOperator(tensors[0], validate=False)
-    if isinstance(op, DiagonalRealization):
-        log_decay = tensors[2] if op.log_decay is not None else None
-        return DiagonalRealization(tensors[0], tensors[1], log_decay, state_size=op.state_size,
-                                   validate=False)
-    raise TypeError(f"cannot rebuild an operator of type {type(op).__name__}")
 
 
 class TransitionPenalty:

@@ -141,10 +141,13 @@ def ess_init(
 
 def init_weights_ess(module: nn.Module, name: str = "") -> None:
     """Per-module reference initialization of recognised mixers (others untouched); for
-    ``timm.models.named_apply(init_weights_ess, model)``. Uses each type's default scheme."""
+    ``timm.models.named_apply(init_weights_ess, model)``. Uses each type's default scheme, with a
+    seed drawn from torch's global generator: every module gets its own draws, and
+    ``torch.manual_seed`` makes them reproducible."""
     apply = lookup(DEFAULTS, module)
     if apply is not None:
-        apply(module, torch.Generator().manual_seed(0))
+        seed = int(torch.randint(0, 2**62, ()).item())
+        apply(module, torch.Generator().manual_seed(seed))
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -199,3 +199,19 @@ def test_la_feature_map_scheme_and_auto_choice():
     report = ess_init(hedgehog, seed=0, verbose=False)
     assert {n for n, _ in hedgehog.named_parameters()} == names
     assert all("feature map unchanged" in label for label, _ in report["blocks.0.mixer"].evaluated)
+
+
+def _dt_biases_after_init_weights_ess(seed: int) -> list[torch.Tensor]:
+    model = SequenceModel(["s6", "s6"], d_model=16, n_layers=2, vocab_size=32)
+    torch.manual_seed(seed)
+    named_apply(init_weights_ess, model)
+    return [m.dt_proj.bias.detach().clone() for m in model.mixers]
+
+
+def test_init_weights_ess_draws_per_module_and_follows_the_global_seed():
+    first, second = _dt_biases_after_init_weights_ess(0)
+    assert not torch.equal(first, second)  # each layer gets its own draws
+    again = _dt_biases_after_init_weights_ess(0)
+    assert all(torch.equal(a, b) for a, b in zip((first, second), again, strict=True))
+    other = _dt_biases_after_init_weights_ess(1)
+    assert not torch.equal(first, other[0])

@@ -117,7 +117,8 @@ def test_no_grad_evaluation_and_modules_selection():
     assert list(reg.modules) == ["blocks.1.mixer"]
     with torch.no_grad():
         model(ids)
-    assert reg().item() == 0  # nothing captured under no_grad
+    with pytest.raises(RuntimeError, match="no_grad"):  # nothing captured: an error, not a silent 0
+        reg()
     assert list(ESSRegularizer(model, modules=GatedLinearAttention).modules) == ["blocks.0.mixer"]
     assert list(ESSRegularizer(model, modules=lambda n, m: isinstance(m, SoftmaxAttention)).modules) \
         == ["blocks.1.mixer"]

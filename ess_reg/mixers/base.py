@@ -46,6 +46,8 @@ class SequenceMixer(nn.Module, ABC):
         super().__init__()
         self._capture_operator = False
         self._capture_transition = False
+        self._capture_requests = 0  # hooks that asked for the next forward's operator
+        self._capture_readers = 0  # hooks still to take this forward's operator
         self.captured_operator: Operator | None = None
         self.captured_transition: torch.Tensor | None = None
 
@@ -82,6 +84,7 @@ class SequenceMixer(nn.Module, ABC):
         y = self.mix(features)
         if self._capture_operator:
             self._capture_operator = False
+            self._capture_readers, self._capture_requests = self._capture_requests, 0
             self.captured_operator = self.build_operator(features)
         if self._capture_transition:
             self._capture_transition = False
@@ -105,11 +108,24 @@ class SequenceMixer(nn.Module, ABC):
 
     def request_capture(self, *, operator: bool = True, transition: bool = False) -> None:
         """Make the next forward keep its operator in :attr:`captured_operator` (and the diagonal of
-        its transition in :attr:`captured_transition`)."""
+        its transition in :attr:`captured_transition`). Each call counts one reader: the capture
+        hooks take the operator off the module once every reader has it (:meth:`take_operator`), so
+        nothing on the module holds an autograd graph after the forward's hooks have run."""
         self._capture_operator = operator
+        self._capture_requests += 1 if operator else 0
         self._capture_transition = transition and self.has_transition
         self.captured_operator = None
         self.captured_transition = None
+
+
+    def take_operator(self) -> Operator | None:
+        """The operator the last forward captured, for one of the readers that requested it; the
+        module lets go of it when the last reader has taken it."""
+        operator = self.captured_operator
+        self._capture_readers = max(0, self._capture_readers - 1)
+        if self._capture_readers == 0:
+            self.captured_operator = None
+        return operator
 
 
 def _check_input(x: torch.Tensor, mixer: nn.Module) -> None:

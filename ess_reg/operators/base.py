@@ -81,6 +81,17 @@ class Operator(ABC):
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors that define the operator (for hooks, device checks and autograd)."""
 
+    def rebuild(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Operator:
+        """The same operator over replacement ``tensors`` (in :meth:`tensors` order, same shapes).
+
+        The regularizer's backward-pass mode rebuilds each captured operator over detached leaves;
+        a custom operator type implements this to take part.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement Operator.rebuild(tensors), which the "
+            "backward-pass mode (ESSRegularizer.attach, ESSOptimizer) needs"
+        )
+
     def __repr__(self) -> str:
         state = "none" if self.state_size is None else str(self.state_size)
         return (

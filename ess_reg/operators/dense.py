@@ -51,6 +51,9 @@ class DenseOperator(Operator):
             _require_causal(matrix)
         self._matrix = matrix.tril()
 
+    def rebuild(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> DenseOperator:
+        return DenseOperator(tensors[0], validate=False)
+
     @property
     def matrix(self) -> torch.Tensor:
         """The lower-triangular matrix ``[..., C, L, L]``."""

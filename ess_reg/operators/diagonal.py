@@ -90,6 +90,11 @@ class DiagonalRealization(Operator):
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in (self._c, self._b, self._log_decay) if t is not None)
 
+    def rebuild(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> DiagonalRealization:
+        log_decay = tensors[2] if self._log_decay is not None else None
+        return DiagonalRealization(tensors[0], tensors[1], log_decay, state_size=self._state_size,
+                                   validate=False)
+
     # -- Operator interface ---------------------------------------------------------------------
     @property
     def is_complex(self) -> bool:

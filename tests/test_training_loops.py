@@ -1,0 +1,206 @@
+"""The regularizer in ordinary training loops: model copies (EMA, SWA), in-place ops on outputs,
+layers called twice, custom operators, misuse errors, closures (LBFGS), pickling, checkpointing."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ess_reg import DenseOperator, ESSOptimizer, ESSRegularizer, Operator, register_extractor
+from ess_reg.mixers import GatedLinearAttention
+from ess_reg.models import SequenceModel
+
+VOCAB = 40
+
+
+def _model(seed: int = 0) -> SequenceModel:
+    torch.manual_seed(seed)
+    return SequenceModel("gla", d_model=32, n_layers=2, vocab_size=VOCAB).double()
+
+
+def _ids(seed: int = 1, length: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).square().mean()
+
+
+def _graph_tensors(module: nn.Module) -> list[str]:
+    """Attributes of any submodule that hold a tensor attached to an autograd graph."""
+    found = []
+    for name, sub in module.named_modules():
+        for key, value in vars(sub).items():
+            values = value.values() if isinstance(value, dict) else [value]
+            for item in values:
+                if isinstance(item, torch.Tensor) and item.grad_fn is not None:
+                    found.append(f"{name}.{key}")
+                if isinstance(item, Operator) and any(t.grad_fn is not None for t in item.tensors()):
+                    found.append(f"{name}.{key}")
+    return found
+
+
+@pytest.mark.parametrize("mode", ["loss_term", "attached"])
+def test_copies_of_the_model_during_training(mode):
+    """deepcopy at any time, timm's ModelEmaV3 and torch's AveragedModel updated every step."""
+    from timm.utils import ModelEmaV3
+    from torch.optim.swa_utils import AveragedModel
+
+    model, ids = _model(), _ids()
+    reg = ESSRegularizer(model, weight=0.1, splits=4)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    if mode == "attached":
+        opt = ESSOptimizer(opt, reg)
+    ema, swa = ModelEmaV3(model, decay=0.9), AveragedModel(model)
+    for _ in range(3):
+        loss = _loss(model, ids)
+        assert not _graph_tensors(model)  # nothing the forward leaves on a module holds a graph
+        copy.deepcopy(model)  # between forward and backward
+        if mode == "loss_term":
+            loss = loss + reg()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model)
+        swa.update_parameters(model)
+        assert not _graph_tensors(model)
+    clone = copy.deepcopy(model)
+    before = dict(reg.operators)
+    clone(ids)  # the copy's hooks are inert: they neither capture nor copy the regularizer
+    assert reg.operators.keys() == before.keys()
+    assert all(reg.operators[k] is before[k] for k in before)
+    assert not any(isinstance(v, ESSRegularizer) for v in vars(clone).values())
+
+
+def test_attached_output_allows_in_place_ops():
+    model, ids = _model(), _ids()
+    ESSRegularizer(model, weight=0.1, splits=4).attach()
+    mixer = model.blocks[0].mixer
+    mixer.register_forward_hook(lambda module, args, output: output.mul_(1.0))
+    _loss(model, ids).backward()
+    assert all(p.grad is not None for p in mixer.parameters())
+
+
+class _Twice(nn.Module):
+    """One GLA mixer applied twice in one forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.mixer = GatedLinearAttention(32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        return self.mixer(x + self.mixer(x))
+
+
+def _penalty_grads(attached: bool) -> dict[str, torch.Tensor]:
+    model = _Twice().double()
+    reg = ESSRegularizer(model, weight=1.0, splits=[3, 7, 12])
+    if attached:
+        reg.attach()
+    loss = 0 * model(_ids()).sum()
+    if not attached:
+        loss = loss + reg()
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_layer_called_twice_is_penalised_alike_in_both_modes():
+    loss_term, attached = _penalty_grads(False), _penalty_grads(True)
+    assert loss_term.keys() == attached.keys()
+    for name in loss_term:
+        torch.testing.assert_close(attached[name], loss_term[name], rtol=1e-9, atol=1e-12)
+
+
+class _MatrixOperator(DenseOperator):
+    """A user-defined operator type (a thin subclass with its own rebuild)."""
+
+    def rebuild(self, tensors):
+        return _MatrixOperator(tensors[0], validate=False)
+
+
+class _CausalMix(nn.Module):
+    def __init__(self, length: int = 24) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(length, length, dtype=torch.float64))
+
+    def matrix(self) -> torch.Tensor:
+        mask = torch.ones_like(self.logits, dtype=torch.bool).tril()
+        return self.logits.masked_fill(~mask, float("-inf")).softmax(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L]
+        return x @ self.matrix().T
+
+
+def test_custom_operator_types_work_in_attached_mode():
+    register_extractor(_CausalMix, lambda m, args, kwargs, out: _MatrixOperator(m.matrix()[None]))
+    torch.manual_seed(0)
+    mix = _CausalMix()
+    x = torch.randn(2, 24, dtype=torch.float64)
+    reg = ESSRegularizer(mix, weight=1.0, splits=[5, 12])
+    (mix(x).sum() * 0 + reg()).backward()
+    expected = mix.logits.grad.clone()
+    mix.logits.grad = None
+    reg.attach()
+    (mix(x).sum() * 0).backward()
+    torch.testing.assert_close(mix.logits.grad, expected)
+
+
+def test_misuse_is_an_error_not_a_silent_zero():
+    model, ids = _model(), _ids()
+    reg = ESSRegularizer(model, weight=0.1)
+    with pytest.raises(RuntimeError, match="no operator"):
+        reg()  # before any forward
+    _loss(model, ids)
+    reg()
+    with pytest.raises(RuntimeError, match="no operator"):
+        reg()  # twice for one forward
+    reg.remove()
+    _loss(model, ids)
+    with pytest.raises(RuntimeError, match="removed"):
+        reg()
+    reg.attach()  # hooks the model again
+    _loss(model, ids).backward()
+    assert reg.operators
+
+
+def test_a_forward_that_captured_nothing_names_reentrant_checkpointing():
+    """Reentrant activation checkpointing runs the forward without a graph, like torch.no_grad()."""
+    model, ids = _model(), _ids()
+    reg = ESSRegularizer(model, weight=1.0)
+    x = model.embedding(ids)
+    checkpoint(lambda h: model.blocks[1](model.blocks[0](h)), x, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        reg()
+
+
+def test_lbfgs_through_the_closure():
+    model, ids = _model(), _ids()
+    opt = ESSOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3), ESSRegularizer(model))
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, ids)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    second = opt.step(closure)
+    assert torch.isfinite(first) and torch.isfinite(second) and second < first
+    assert opt.regularizer.step_count == 2
+
+
+def test_pickled_optimizer_keeps_its_grad_scaler():
+    model = _model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    opt = ESSOptimizer(torch.optim.AdamW(model.parameters()), ESSRegularizer(model), grad_scaler=scaler)
+    restored = pickle.loads(pickle.dumps(opt))
+    assert restored.regularizer._grad_scaler is not None
+    assert restored.regularizer._grad_scale() == scaler.get_scale()

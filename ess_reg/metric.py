@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from collections.abc import Mapping
@@ -81,22 +82,78 @@ class ESSMetric(Metric):
                 if self.curve and op.seq_len - 1 < int(self.curve_splits[name].max()):
                     raise ValueError(f"layer {name!r}: curve=True needs the same splits on every update")
                 continue
-            prefix = f"l{len(self.layers)}_" + re.sub(r"\W", "_", name)
-            self.layers[name] = prefix
             self._warn_if_slow(name, op)
-            self.tss[name] = op.state_size
-            zero = torch.tensor(0.0, dtype=torch.float64)
-            for stat in ("count", "samples", "curve_count"):
-                self.add_state(f"{prefix}_{stat}", zero.clone(), dist_reduce_fx="sum")
+            index = resolve_splits(self.splits, op.seq_len) if self.curve else None
+            self._add_layer(name, op.state_size, index)
+
+    def _add_layer(self, name: str, tss: int | None, curve_index: torch.Tensor | None) -> None:
+        """States of one layer, named after the layer itself (the same on every rank)."""
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        prefix = "layer_" + re.sub(r"\W", "_", name) + "_" + digest
+        self.layers[name] = prefix
+        self.tss[name] = tss
+        zero = torch.tensor(0.0, dtype=torch.float64, device=self.device)
+        for stat in ("count", "samples", "curve_count"):
+            self.add_state(f"{prefix}_{stat}", zero.clone(), dist_reduce_fx="sum")
+        for kind in self.kinds:
+            for stat in _STAT_NAMES:
+                self.add_state(f"{prefix}_{kind}_{stat}", zero.clone(), dist_reduce_fx="sum")
+        if curve_index is not None:
+            self.curve_splits[name] = curve_index
             for kind in self.kinds:
-                for stat in _STAT_NAMES:
-                    self.add_state(f"{prefix}_{kind}_{stat}", zero.clone(), dist_reduce_fx="sum")
-            if self.curve:
-                index = resolve_splits(self.splits, op.seq_len)
-                self.curve_splits[name] = index
-                for kind in self.kinds:
-                    self.add_state(f"{prefix}_{kind}_curve_sum",
-                                   torch.zeros(index.numel(), dtype=torch.float64), dist_reduce_fx="sum")
+                self.add_state(f"{prefix}_{kind}_curve_sum",
+                               torch.zeros(curve_index.numel(), dtype=torch.float64, device=self.device),
+                               dist_reduce_fx="sum")
+
+    def _layer_info(self) -> dict[str, tuple[int | None, list[int] | None]]:
+        curves = {name: index.tolist() for name, index in self.curve_splits.items()}
+        return {name: (self.tss[name], curves.get(name)) for name in self.layers}
+
+    def _adopt_layers(self, info: Mapping[str, tuple[int | None, list[int] | None]]) -> None:
+        """Register the layers another metric (or rank) has seen, with zero statistics."""
+        for name in sorted(info):
+            if name not in self.layers:
+                tss, index = info[name]
+                self._add_layer(name, tss, None if index is None else torch.tensor(index))
+        # every rank then holds the same states in the same order, so collectives pair them right
+        for registry in (self._defaults, self._reductions, self._persistent):
+            ordered = dict(sorted(registry.items()))
+            registry.clear()
+            registry.update(ordered)
+
+    def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True,
+             distributed_available: Any = None) -> None:
+        """Before torchmetrics syncs the states, every rank learns the layers the others saw (a rank
+        with no update, or one that met the layers in another order, still pairs its sums right)."""
+        available = distributed_available or self.distributed_available_fn
+        if should_sync and not self._is_synced and callable(available) and available():
+            import torch.distributed as dist
+
+            group = process_group or self.process_group
+            gathered: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, self._layer_info(), group=group)
+            for info in gathered:
+                self._adopt_layers(info)
+        super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
+
+    def merge_state(self, incoming_state: Any) -> None:
+        """Merge another ``ESSMetric`` (or its state dict) into this one; layers it has and this one
+        lacks are added first."""
+        if isinstance(incoming_state, ESSMetric):
+            self._adopt_layers(incoming_state._layer_info())
+        super().merge_state(incoming_state)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"layers": self._layer_info()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._adopt_layers(state.get("layers", {}))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):  # create the layers' states before torchmetrics loads them
+            self._adopt_layers(extra.get("layers", {}))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _warn_if_slow(self, name: str, op: Operator) -> None:
         if self.splits is None and _is_long_dense(op):

@@ -86,7 +86,7 @@ def test_forward_reset_collection_state_dict_and_pickle():
     collection = MetricCollection({"ess": ESSMetric()}, prefix="train/")
     collection.update(first)
     assert "train/blocks.0.mixer/ess" in collection.compute()
-    assert metric.state_dict() == {}
+    assert set(metric.state_dict()) == {"_extra_state"}  # the layer registry; states are not persistent
     clone = pickle.loads(pickle.dumps(metric))
     torch.testing.assert_close(clone.compute()["ess/total"], metric.compute()["ess/total"])
     with pytest.raises(RuntimeError, match="Can't change const"):
@@ -149,6 +149,59 @@ def test_distributed_sync_equals_single_process(tmp_path):
     single = ESSMetric(kind="both", curve=True, splits=6)
     for ids in _batches(4):
         single.update(_operators(model, ids))
+    expected = single.compute()
+    assert synced.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(synced[key], value, rtol=1e-10, atol=1e-12)
+
+
+def test_merge_and_load_into_fresh_metrics():
+    model = _model()
+    first, second = (_operators(model, ids) for ids in _batches(2))
+    metric = ESSMetric(kind="both", curve=True, splits=5)
+    metric.update(first)
+    metric.update(second)
+    expected = metric.compute()
+    merged = ESSMetric(kind="both", curve=True, splits=5)
+    merged.merge_state(metric)
+    metric.persistent(True)
+    loaded = ESSMetric(kind="both", curve=True, splits=5)
+    loaded.load_state_dict(metric.state_dict())
+    for other in (merged, loaded):
+        got = other.compute()
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value)
+
+
+def _ddp_uneven_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """Rank 0 sees the layers in reverse order (renamed so the orders differ), rank 1 sees nothing."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        metric = ESSMetric(kind="both", curve=True, splits=6)
+        if rank == 0:
+            for ids in _batches(3):
+                operators = _operators(_model(), ids)
+                metric.update({"z": operators["blocks.1.mixer"]})
+                metric.update({"a": operators["blocks.0.mixer"]})
+        result = metric.compute()
+        if rank == 0:
+            torch.save(result, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_sync_with_layers_in_other_orders_and_an_idle_rank(tmp_path):
+    out = tmp_path / "ddp.pt"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_ddp_uneven_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    synced = torch.load(out)
+    single = ESSMetric(kind="both", curve=True, splits=6)
+    for ids in _batches(3):
+        operators = _operators(_model(), ids)
+        single.update({"a": operators["blocks.0.mixer"], "z": operators["blocks.1.mixer"]})
     expected = single.compute()
     assert synced.keys() == expected.keys()
     for key, value in expected.items():

@@ -504,3 +504,54 @@ def test_gradient_resolution_is_shared_by_both_routes():
         curve.sum().backward()
         grads.append([t.grad for t in leaves])
     _assert_grads_close(grads[1], grads[0])
+
+
+# -- review findings -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("dtype", "reset"),
+                         [(torch.float32, (-90.0, -40.0)), (torch.float64, (-740.0, -700.0))])
+def test_reset_next_to_a_zero_row_keeps_gradients_finite(dtype, reset):
+    c, b = torch.ones(1, 4, 2, dtype=torch.float64), torch.ones(1, 4, 2, dtype=torch.float64)
+    b[:, 1] = 0  # a padded token
+    ld = torch.full((1, 4, 2), -0.1, dtype=torch.float64)
+    ld[0, 1] = torch.tensor(reset, dtype=torch.float64)
+    grads = []
+    for method in METHODS:
+        curve, grad = _evaluate((c, b, ld), method, dtype=dtype)
+        _assert_finite(curve, grad)
+        grads.append(grad)
+    _assert_grads_close(grads[1], grads[0], rtol=1e-4 if dtype == torch.float32 else 1e-6)
+
+
+def test_half_precision_factors_with_small_magnitudes():
+    g = torch.Generator().manual_seed(0)
+    c = (torch.randn(1, 8, 2, generator=g) * 1e-6).half()
+    b = torch.randn(1, 8, 2, generator=g).half()
+    values = [ess_curve(DiagonalRealization(c, b), method=method) for method in METHODS]
+    assert all(torch.isfinite(v).all() for v in values)
+    torch.testing.assert_close(values[0], values[1])
+
+
+def test_huge_rotations_in_a_complex_log_decay():
+    cc = torch.randn(1, 8, 2, dtype=torch.complex128, generator=torch.Generator().manual_seed(1))
+    ld = torch.complex(torch.full((1, 8, 2), -0.1, dtype=torch.float64),
+                       torch.full((1, 8, 2), 1e308, dtype=torch.float64))
+    values = [ess_curve(DiagonalRealization(cc, cc, ld), method=method) for method in METHODS]
+    assert all(torch.isfinite(v).all() for v in values)
+    torch.testing.assert_close(values[0], values[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_channels(method):
+    empty = DiagonalRealization(torch.zeros(0, 8, 2), torch.zeros(0, 8, 2))
+    assert ess_curve(empty, method=method).shape == (0, 7)
+
+
+def test_absolute_tolerance_summary_in_float32_compute():
+    from ess_reg.functional import ess_summary
+
+    g = torch.Generator().manual_seed(2)
+    c, b = torch.randn(1, 8, 2, generator=g) * 1e-30, torch.randn(1, 8, 2, generator=g) * 1e-20
+    op = DiagonalRealization(c, b)
+    summary = ess_summary(op, "tolerance", relative=False, tol=1e-60, dtype=torch.float32)
+    expected = ess_curve(op, "tolerance", relative=False, tol=1e-60, dtype=torch.float32)
+    torch.testing.assert_close(summary["curve"], expected[0].to(summary["curve"].dtype))

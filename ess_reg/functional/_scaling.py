@@ -15,12 +15,12 @@ as a logarithm (``sigma = values * exp(log_scale)``). Two rules decide what coun
 Zeroed values carry no gradient. A third rule concerns gradients only:
 
 * **gradient resolution**: values at or below ``GRADIENT_RESOLUTION * sigma_max`` of their block
-  (``1e-5`` in float64 compute, ``1e-3`` in float32) keep their value but carry no gradient
+  (``1e-4`` in float64 compute, ``1e-3`` in float32) keep their value but carry no gradient
   (:func:`limit_gradient`). The Gramian route's derivatives of such values come from Gramians, where
   rounding enters as ``eps * (sigma_max / sigma)^2``; above the cutoff that is at most about
-  ``2e-6`` of the value's own gradient (``1e-7`` of the whole gradient in practice), below it the
-  values' share of the entropy-ESS gradient is at most about ``1e-4``. Both routes follow the rule,
-  so their gradients agree.
+  a few ``1e-7`` of the whole gradient (measured), below it the values' share of the entropy-ESS
+  gradient is at most about ``1e-3`` (``p log(1/p)``), far less in the usual decaying spectra. Both routes
+  follow the rule, so their gradients agree.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ RESOLUTION_FACTOR = 8.0
 FLOOR_FACTOR = 1024.0
 LN2 = math.log(2.0)
 #: Values at or below this fraction of their block's largest carry no gradient (see module doc).
-GRADIENT_RESOLUTION = {torch.float64: 1e-5, torch.float32: 1e-3}
+GRADIENT_RESOLUTION = {torch.float64: 1e-4, torch.float32: 1e-3}
 #: Per-step log-decays below this are raised to it: a reset that strong already zeroes every
 #: exponent it enters (``exp(-1500) = 0``), and the floor keeps the float64 cumsum finite and exact.
 LOG_DECAY_FLOOR = -1500.0
@@ -65,6 +65,8 @@ def normalize_channels(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Te
     peak = magnitude.amax(dim=dims, keepdim=True)
     exponent = power_of_two_exponent(peak)
     live = peak >= torch.finfo(peak.dtype).tiny
+    if x.dtype in (torch.float16, torch.bfloat16):  # 2^-e may not fit a half-precision float
+        x = x.float()
     factor = torch.where(live, torch.exp2(-exponent), torch.zeros_like(exponent)).to(x.real.dtype)
     return x * factor, exponent.squeeze(dims) if dims else exponent
 
@@ -101,11 +103,13 @@ def clean_values(
 
 
 def floor_log_decay(log_decay: torch.Tensor | None) -> torch.Tensor | None:
-    """``log_decay`` with its real part raised to at least ``LOG_DECAY_FLOOR``."""
+    """``log_decay`` with its real part raised to at least ``LOG_DECAY_FLOOR`` and its imaginary
+    part (a rotation) reduced to ``[0, 2 pi)``, so that the cumsum stays finite and exact."""
     if log_decay is None:
         return None
     if log_decay.is_complex():
-        return torch.complex(log_decay.real.clamp_min(LOG_DECAY_FLOOR), log_decay.imag)
+        return torch.complex(log_decay.real.clamp_min(LOG_DECAY_FLOOR),
+                             torch.remainder(log_decay.imag, 2 * math.pi))
     return log_decay.clamp_min(LOG_DECAY_FLOOR)
 
 

@@ -84,8 +84,9 @@ def dense_singular_values(
 
 
 def _clean(values: torch.Tensor, splits: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    length = matrix.shape[-1]
-    bound = torch.minimum(splits, length - splits)
+    """The resolution rules with ``n = min(i, L - i, R)`` per split, as in the Gramian route."""
+    length, rank = matrix.shape[-1], values.shape[-1]
+    bound = torch.minimum(torch.minimum(splits, length - splits), torch.tensor(rank))
     return clean_values(values, values.new_zeros(values.shape[:-1]), bound)
 
 

@@ -74,6 +74,9 @@ def split_spectrum(
     rank = max_block_rank(index, op.seq_len)
     if op.state_size is not None:
         rank = min(rank, op.state_size)
+    if math.prod(op.shape) == 0:  # no channel (or an empty batch): nothing to compute
+        empty = torch.zeros(*op.shape, index.numel(), rank, dtype=compute, device=op.device)
+        return SplitSpectrum(empty, empty[..., 0])
     with torch.autocast(op.device.type, enabled=False):
         if route == "gramian":
             assert isinstance(op, DiagonalRealization)
@@ -126,10 +129,12 @@ def _gramian_spectrum(op: DiagonalRealization, index: torch.Tensor, rank: int,
     c, b, log_decay, channel_log = _scaled_factors(op, compute)
     count, length, modes = c.shape
     width = 2 * modes if c.is_complex() else modes
-    itemsize = c.element_size()
     needs_grad = torch.is_grad_enabled() and op.requires_grad
-    per_channel = itemsize * (length * width * (12 if needs_grad else 6)
-                              + index.numel() * width * width * (12 if needs_grad else 4))
+    # measured peaks (rows, exponents and roots in float64 or complex128; the Gramian recursion and
+    # what autograd saves of it with gradients), with a margin
+    wide = 16 if c.is_complex() else 8
+    per_channel = wide * (length * width * (36 if needs_grad else 20)
+                          + index.numel() * width * width * (30 if needs_grad else 10))
     chunks = 1
     if needs_grad:
         require_fits(per_channel * count, op.device,
@@ -157,7 +162,13 @@ def _dense_spectrum(op: Operator, index: torch.Tensor, rank: int,
     count = math.prod(op.shape)
     precise = torch.float64 if torch.float64 in (op.dtype, compute) else compute
     itemsize = torch.empty((), dtype=compute).element_size()
-    held = count * length * length * (torch.empty((), dtype=precise).element_size() + itemsize)
+    # T in the precise dtype and in the compute dtype, plus the temporaries of building it (a
+    # realization materializes mode by mode: about six L x L float64 arrays, twice as wide if complex)
+    precise_size = torch.empty((), dtype=precise).element_size()
+    building = 0
+    if isinstance(op, DiagonalRealization):
+        building = 8 * (12 if op.is_complex else 6)
+    held = count * length * length * (precise_size + itemsize + building)
     workers = max(1, torch.get_num_threads())
     smallest_task = 4 * itemsize * (length * length // 4 + length)  # one channel, one middle split
     require_fits(held + workers * smallest_task, op.device,

@@ -45,7 +45,7 @@ import math
 import torch
 
 from ess_reg._parallel import parallel_map
-from ess_reg.functional._scaling import LN2, RESOLUTION_FACTOR, clean_values, normalize_channels
+from ess_reg.functional._scaling import LN2, RESOLUTION_FACTOR, clean_values
 from ess_reg.functional._sweeps import masked_exp, square_root_sweep
 
 #: Splits per batched SVD call (bounds memory and feeds the thread pool).
@@ -81,6 +81,7 @@ def gramian_singular_values(
     )
     unique, inverse = torch.unique(splits, sorted=True, return_inverse=True)
     segments = _Segments(c, b, log_decay, unique)
+    segments.rank_bound = torch.minimum(torch.minimum(unique, length - unique), torch.tensor(rank))
     values, log_scale = segments.spectrum(needs_grad)
     inverse = inverse.to(c.device)
     values, log_scale = values[:, inverse], log_scale[:, inverse]
@@ -171,40 +172,49 @@ class _Segments:
 
     # -- scaled Gramians (differentiable) --
     def scaled_gramians(
-        self, root_p: torch.Tensor, exponent_p: torch.Tensor, root_q: torch.Tensor, exponent_q: torch.Tensor
+        self, log_norm_p: torch.Tensor, log_norm_q: torch.Tensor, weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``P'_k = U'^H U'`` and ``Q'_k = V'^H V'`` of the scaled roots, through autograd.
-
-        Each is ``diag(rho) C diag(rho)`` with ``rho`` the column norms of the scaled root and ``C``
-        the Gramian in coordinates scaled by the unscaled root's column norms ``Sigma = rho 2^e``,
-        accumulated split by split: ``C_k = (e e^H) * C_{k-1} + sum_j r~_j r~_j^H`` with
-        ``r~ = r / Sigma_k`` and ``e = decay * Sigma_{k-1} / Sigma_k``, both at most about 1.
+        """``P^ = U^^H U^`` and ``Q^ = V^^H V^`` of the balanced roots (see :meth:`spectrum`), through
+        autograd: ``diag(weight) C diag(weight)``, where ``C`` is the Gramian in state coordinates
+        scaled by the root's column norms ``Sigma`` (``log_norm``), accumulated split by split:
+        ``C_k = (e e^H) * C_{k-1} + sum_j r~_j r~_j^H`` with ``r~ = r / Sigma_k`` and
+        ``e = decay * Sigma_{k-1} / Sigma_k``, every factor at most about 1.
         """
-        gram_p = self._accumulate(self.b, self.reach_log, root_p, exponent_p, forward=True)
-        gram_q = self._accumulate(self.c, self.observe_log, root_q, exponent_q, forward=False)
+        gram_p = self._accumulate(self.b, self.reach_log, log_norm_p, weight, forward=True)
+        gram_q = self._accumulate(self.c, self.observe_log, log_norm_q, weight, forward=False)
         return gram_p, gram_q
 
-    def _accumulate(self, factors, row_log, root, exponent, forward: bool) -> torch.Tensor:
-        # column norms of the scaled root (largest entry about 1: the squares cannot overflow, and a
-        # column whose squares underflow is below every split's resolution)
-        power = root.real.square() + root.imag.square() if root.is_complex() else root.square()
-        rho = power.sum(-2).sqrt()
-        live = rho > 0
-        safe = torch.where(live, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
-        log_norm = torch.log(safe.double()) + exponent.double()[..., None] * LN2  # log Sigma
+    def _accumulate(self, factors, row_log, log_norm, weight, forward: bool) -> torch.Tensor:
+        live = torch.isfinite(log_norm)
         part, segment = (self.inputs, self.input_segment) if forward else (self.outputs, self.output_segment)
         # dead coordinates get log Sigma = +inf, so their rows are exactly 0; every other exponent
         # is at most -log|factor| (a row never exceeds its column's norm), so exp cannot overflow
         row_scale = torch.where(live, log_norm, torch.full((), torch.inf, dtype=log_norm.dtype,
-                                                            device=rho.device))[:, segment]
+                                                            device=log_norm.device))[:, segment]
         exponent_rows = -row_scale if row_log is None else row_log - row_scale
+        # a zero factor bounds nothing (its row's exponent may be huge): exp(-inf) = 0 there, with a
+        # zero derivative. Elsewhere a row never exceeds its column's norm (|entry| <= 1); where the
+        # root lost a column to underflow the bound is enforced, which only touches entries far below
+        # every block's resolution
+        magnitude = factors[:, part].detach().abs().expand_as(exponent_rows)
+        present = magnitude > 0
+        ceiling = -torch.log(torch.where(present, magnitude, torch.ones((), dtype=magnitude.dtype,
+                                                                          device=magnitude.device)))
+        ceiling = ceiling.double() + 1.0
+        real = _bounded_above(exponent_rows.real, ceiling)
+        bounded = torch.complex(real, exponent_rows.imag) if exponent_rows.is_complex() else real
+        exponent_rows = torch.where(present, bounded, -torch.inf)
         rows = factors[:, part] * torch.exp(exponent_rows).to(self.dtype)
         step = 0.0 if self.anchor_log is None else self.anchor_log[:, 1:] - self.anchor_log[:, :-1]
         both = live[:, :-1] & live[:, 1:]
-        if forward:  # carried from split k-1 to k
-            carry = masked_exp(step + log_norm[:, :-1] - log_norm[:, 1:], both).to(self.dtype)
-        else:  # carried from split k+1 to k
-            carry = masked_exp(step + log_norm[:, 1:] - log_norm[:, :-1], both).to(self.dtype)
+        # |e| <= 1: a column's norm at the later split includes the decayed earlier one; where the
+        # earlier content underflowed in the roots the bound is enforced
+        finite = torch.where(live, log_norm, torch.zeros((), dtype=log_norm.dtype, device=log_norm.device))
+        ratio = finite[:, :-1] - finite[:, 1:] if forward else finite[:, 1:] - finite[:, :-1]
+        carry_log = step + ratio
+        real = _bounded_above(carry_log.real, torch.zeros((), dtype=carry_log.real.dtype))
+        carry_log = torch.complex(real, carry_log.imag) if carry_log.is_complex() else real
+        carry = masked_exp(carry_log, both).to(self.dtype)
         batch, _, n = rows.shape
         gram = rows.new_zeros(batch, n, n)
         out: list[torch.Tensor] = []
@@ -225,7 +235,7 @@ class _Segments:
                 gram = gram + seg.mH @ seg
             out.append(gram)
         stacked = torch.stack(out if forward else out[::-1], dim=1)  # [M, S, N', N']
-        weight = rho.to(stacked.real.dtype)
+        weight = weight.to(stacked.real.dtype)
         return stacked * (weight[..., :, None] * weight[..., None, :])
 
     def spectrum(self, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,25 +243,69 @@ class _Segments:
 
         Without gradients the values are channel-relative (log scale 0): the roots are at most about
         ``sqrt(L)`` and a product that underflows lies below the absolute floor anyway. With
-        gradients each split's roots are scaled to a largest entry of about 1 first, so that the
-        backward's weights stay in range.
+        gradients the roots are first *balanced*: ``H = V U^H = V^ U^^H t^2`` with
+        ``U^ = U diag(tau / (Sigma_U t))``, ``V^ = V diag(tau / (Sigma_V t))``, ``tau = sqrt(Sigma_U
+        Sigma_V)`` per state coordinate (``Sigma`` the roots' column norms) and ``t = max tau``:
+        both roots have columns of norm at most 1 and the block's largest singular value is about
+        ``t^2``, however differently the two sides weight the coordinates, so the backward's weights
+        ``grad / (2 sigma)`` stay in range.
         """
         roots_p, roots_q = self.roots()
+        bound = self.rank_bound.to(roots_p.device)
         if not needs_grad:
             chunks = [slice(k, k + _SVD_CHUNK) for k in range(0, self.count, _SVD_CHUNK)]
             pieces = parallel_map(
-                lambda part: _singular_values(roots_p[:, part], roots_q[:, part]), chunks, self.device
-            )
+                lambda part: _singular_values(roots_p[:, part], roots_q[:, part], bound[part]), chunks,
+                self.device)
             values = torch.cat(pieces, dim=1)
-            exponent = values.new_zeros(values.shape[:-1])
-        else:
-            root_p, exponent_p = normalize_channels(roots_p, (-2, -1))
-            root_q, exponent_q = normalize_channels(roots_q, (-2, -1))
-            exponent = exponent_p + exponent_q
-            gram_p, gram_q = self.scaled_gramians(root_p, exponent_p, root_q, exponent_q)
-            values = _HankelSingularValues.apply(gram_p, gram_q, root_p, root_q)
-        values = clean_values(values, exponent, roots_p.shape[-1])
-        return values, (exponent * LN2).to(values.dtype)
+            log_scale = values.new_zeros(values.shape[:-1])
+            return clean_values(values, log_scale, bound), log_scale
+        log_norm_p, log_norm_q = _log_column_norms(roots_p), _log_column_norms(roots_q)
+        live = torch.isfinite(log_norm_p) & torch.isfinite(log_norm_q)
+        log_tau = torch.where(live, (log_norm_p + log_norm_q) / 2, -torch.inf)
+        log_t = log_tau.amax(dim=-1)
+        log_t = torch.where(torch.isfinite(log_t), log_t, torch.zeros_like(log_t))  # [M, S]
+        weight = torch.exp(log_tau - log_t[..., None])  # tau / t: at most 1, 0 for dead coordinates
+        root_p = _balanced(roots_p, log_norm_p, log_tau, log_t)
+        root_q = _balanced(roots_q, log_norm_q, log_tau, log_t)
+        gram_p, gram_q = self.scaled_gramians(log_norm_p, log_norm_q, weight)
+        values = _HankelSingularValues.apply(gram_p, gram_q, root_p, root_q, bound)
+        exponent = 2 * log_t / LN2  # log2 of t^2
+        values = clean_values(values, exponent.to(values.dtype), bound)
+        return values, (2 * log_t).to(values.dtype)
+
+
+def _bounded_above(x: torch.Tensor, ceiling: torch.Tensor) -> torch.Tensor:
+    """``min(x, ceiling)`` in value with the derivative of ``x`` (the bound only removes rounding
+    excess or underflowed roots; a plain clamp would cut the gradient where ``x`` sits on it)."""
+    straight = x - (x - torch.minimum(x, ceiling)).detach()
+    return torch.where(torch.isfinite(x), straight, x)  # -inf (an exact zero) stays -inf
+
+
+def _log_column_norms(root: torch.Tensor) -> torch.Tensor:
+    """``[..., N']`` float64 log of each column's norm of ``root`` ``[..., N', N']`` (``-inf`` for a
+    zero column), computed without under- or overflow (each column scaled by its largest entry)."""
+    magnitude = root.abs().double()
+    peak = magnitude.amax(dim=-2)
+    live = peak > 0
+    safe = torch.where(live, peak, torch.ones_like(peak))
+    norm = torch.linalg.vector_norm(magnitude / safe[..., None, :], dim=-2)
+    return torch.where(live, torch.log(safe) + torch.log(norm), -torch.inf)
+
+
+def _balanced(root: torch.Tensor, log_norm: torch.Tensor, log_tau: torch.Tensor,
+              log_t: torch.Tensor) -> torch.Tensor:
+    """``root diag(tau / (Sigma t))``: unit columns scaled by ``tau / t`` (see ``spectrum``)."""
+    live = torch.isfinite(log_tau)
+    exponent = torch.where(live, log_tau - log_t[..., None] - log_norm, torch.zeros_like(log_tau))
+    # a column of norm Sigma times exp(log tau - log t - log Sigma) has norm tau / t <= 1; computed
+    # as (root / its column peak) * exp(...) so no intermediate leaves the range
+    magnitude = root.abs()
+    peak = magnitude.amax(dim=-2, keepdim=True)
+    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+    log_peak = torch.log(safe.double())
+    factor = torch.where(live[..., None, :], torch.exp(exponent[..., None, :] + log_peak), 0)
+    return (root / safe) * factor.to(root.real.dtype)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -259,14 +313,15 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # -- the small SVD and its derivative ---------------------------------------------------------------
-def _resolution(values: torch.Tensor, n: int) -> torch.Tensor:
+def _resolution(values: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``8 n eps sigma_max`` with ``n`` = ``bound`` ``[S]``, each split's largest possible rank."""
     eps = torch.finfo(values.dtype).eps
-    return RESOLUTION_FACTOR * n * eps * values[..., :1]
+    return RESOLUTION_FACTOR * bound.to(values.dtype)[:, None] * eps * values[..., :1]
 
 
-def _singular_values(root_p: torch.Tensor, root_q: torch.Tensor) -> torch.Tensor:
+def _singular_values(root_p: torch.Tensor, root_q: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     values = torch.linalg.svdvals(root_q @ root_p.mH)
-    return torch.where(values > _resolution(values, root_p.shape[-1]), values, 0)
+    return torch.where(values > _resolution(values, bound), values, 0)
 
 
 class _HankelSingularValues(torch.autograd.Function):
@@ -277,9 +332,9 @@ class _HankelSingularValues(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gram_p, gram_q, root_p, root_q):
+    def forward(ctx, gram_p, gram_q, root_p, root_q, bound):
         left, values, right_h = torch.linalg.svd(root_q @ root_p.mH, full_matrices=False)
-        keep = values > _resolution(values, root_p.shape[-1])
+        keep = values > _resolution(values, bound)
         values = torch.where(keep, values, 0)
         ctx.save_for_backward(root_q.mH @ left, root_p.mH @ right_h.mH, values, keep)
         return values
@@ -290,4 +345,4 @@ class _HankelSingularValues(torch.autograd.Function):
         tiny = torch.finfo(values.dtype).tiny
         weight = torch.where(keep, grad_values / (2 * values.clamp_min(tiny)), 0)
         weight = weight.to(w.dtype)[..., None, :]
-        return (w * weight) @ w.mH, (z * weight) @ z.mH, None, None
+        return (w * weight) @ w.mH, (z * weight) @ z.mH, None, None, None

@@ -35,7 +35,7 @@ def _ess_update(
     op = as_operator(operator)
     index = resolve_splits(splits, op.seq_len)
     spectrum = split_spectrum(op, splits=index, dtype=dtype)
-    sigma = spectrum.values if relative else spectrum.singular_values().to(dtype)
+    sigma = spectrum.values if relative else spectrum.singular_values()  # float64: no underflow
     sigma = sigma.reshape(-1, op.num_channels, *sigma.shape[-2:])  # [B, C, S, R]
     if op.state_size is not None:
         capacity = torch.full((index.numel(),), float(op.state_size), dtype=dtype)

@@ -115,9 +115,11 @@ def split_singular_values(
         ``[..., C, S, R]`` in the operator's dtype, where ``R = max_i min(i, L - i)`` (also capped
         at the state size for a realization). Values past ``min(i, L - i)`` and at or below
         ``8 n eps sigma_max`` of their block are zero. Differentiable with respect to the
-        operator's tensors. Values that the operator's dtype cannot hold (a float32 operator's
-        blocks below ``1e-38``) become zero here; :func:`split_spectrum` keeps them in scaled form,
-        and the ESS functions use it.
+        operator's tensors, except values at or below the gradient resolution (``1e-4 sigma_max``
+        of their block in float64 compute, ``1e-3`` in float32), which carry no gradient (see
+        docs/ess.md). Values that the operator's dtype cannot hold (a float32 operator's blocks
+        below ``1e-38``, a float16 operator's above 65504) become 0 or ``inf`` here;
+        :func:`split_spectrum` keeps them in scaled form, and the ESS functions use it.
     """
     spectrum = split_spectrum(operator, splits=splits, method=method, dtype=dtype)
     return spectrum.singular_values().to(as_operator(operator).dtype)

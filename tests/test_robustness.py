@@ -542,8 +542,10 @@ def test_huge_rotations_in_a_complex_log_decay():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_no_channels(method):
-    empty = DiagonalRealization(torch.zeros(0, 8, 2), torch.zeros(0, 8, 2))
-    assert ess_curve(empty, method=method).shape == (0, 7)
+    for empty in (DiagonalRealization(torch.zeros(0, 8, 2), torch.zeros(0, 8, 2)),
+                  DiagonalRealization(torch.zeros(0, 8, 2), torch.zeros(0, 8, 2), -torch.ones(0, 8, 2))):
+        assert ess_curve(empty, method=method).shape == (0, 7)
+    assert ess_curve(DenseOperator(torch.zeros(0, 8, 8))).shape == (0, 7)
 
 
 def test_absolute_tolerance_summary_in_float32_compute():
@@ -555,3 +557,14 @@ def test_absolute_tolerance_summary_in_float32_compute():
     summary = ess_summary(op, "tolerance", relative=False, tol=1e-60, dtype=torch.float32)
     expected = ess_curve(op, "tolerance", relative=False, tol=1e-60, dtype=torch.float32)
     torch.testing.assert_close(summary["curve"], expected[0].to(summary["curve"].dtype))
+
+
+@pytest.mark.parametrize(("dtype", "reset"), [(torch.float64, -721.0), (torch.float32, -90.0)])
+def test_complex_reset_at_the_underflow_edge_next_to_a_zero_row(dtype, reset):
+    """A root column that comes out subnormal must not reach a complex division."""
+    c = torch.ones(1, 2, 2, dtype=torch.complex128)
+    b = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]], dtype=torch.complex128)
+    ld = torch.tensor([[[-0.1, -0.1], [-0.1, reset]]], dtype=torch.float64)
+    for method in METHODS:
+        curve, grads = _evaluate((c, b, ld), method, dtype=dtype)
+        _assert_finite(curve, grads)

@@ -45,7 +45,7 @@ import math
 import torch
 
 from ess_reg._parallel import parallel_map
-from ess_reg.functional._scaling import LN2, RESOLUTION_FACTOR, clean_values
+from ess_reg.functional._scaling import LN2, RESOLUTION_FACTOR, clean_values, flush_subnormal
 from ess_reg.functional._sweeps import masked_exp, square_root_sweep
 
 #: Splits per batched SVD call (bounds memory and feeds the thread pool).
@@ -260,6 +260,9 @@ class _Segments:
             values = torch.cat(pieces, dim=1)
             log_scale = values.new_zeros(values.shape[:-1])
             return clean_values(values, log_scale, bound), log_scale
+        # subnormal entries (the fast QR path keeps them) are below every resolution, and dividing
+        # by one (complex division in particular) is not finite
+        roots_p, roots_q = flush_subnormal(roots_p), flush_subnormal(roots_q)
         log_norm_p, log_norm_q = _log_column_norms(roots_p), _log_column_norms(roots_q)
         live = torch.isfinite(log_norm_p) & torch.isfinite(log_norm_q)
         log_tau = torch.where(live, (log_norm_p + log_norm_q) / 2, -torch.inf)

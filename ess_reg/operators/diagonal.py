@@ -257,6 +257,8 @@ def _validate(c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None) 
             f"{(*c.shape[:-1], 1)} (scalar decay), got {tuple(log_decay.shape)}"
         )
     require_finite(log_decay, "log_decay")
+    if log_decay.numel() == 0:
+        return
     growth = log_decay.detach().real.max()
     if bool(growth > MAX_LOG_DECAY):
         raise ValueError(

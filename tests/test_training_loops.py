@@ -204,3 +204,32 @@ def test_pickled_optimizer_keeps_its_grad_scaler():
     restored = pickle.loads(pickle.dumps(opt))
     assert restored.regularizer._grad_scaler is not None
     assert restored.regularizer._grad_scale() == scaler.get_scale()
+
+
+def _compiled_run(backend: str | None, steps: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """``steps`` attached-mode steps (active and skipped ones); graphs compiled after each step."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    model, ids = _model(), _ids()
+    reg = ESSRegularizer(model, weight=0.5, splits=4, every_n_steps=2)
+    opt = ESSOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), reg)
+    run = model if backend is None else torch.compile(model, backend=backend)
+    graphs = []
+    for _ in range(steps):
+        _loss(run, ids).backward()
+        opt.step()
+        opt.zero_grad()
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    return graphs, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_compiles_once_and_matches_eager(backend):
+    graphs, compiled = _compiled_run(backend, 20)
+    assert graphs[-1] == graphs[3], graphs  # active and skipped steps compiled in the first steps
+    _, eager = _compiled_run(None, 20)
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-9, atol=1e-12)

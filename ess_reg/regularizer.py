@@ -290,7 +290,7 @@ class _StartForward:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         self.regularizer._calls = {}
 
-    def __deepcopy__(self, memo: dict) -> _StartForward | None:
+    def __deepcopy__(self, memo: dict) -> _InertHook:
         return _InertHook()
 
 

@@ -123,15 +123,28 @@ def test_summary_functional():
         ess_summary(op, "both")
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+def _rank_updates(scenario: str, rank: int, world: int):
+    """The operator dicts rank ``rank`` feeds its metric in ``scenario``."""
+    if scenario == "even":  # each rank a share of the batches
+        model = _model()
+        return [_operators(model, ids) for ids in _batches(4)[rank::world]]
+    # "uneven": rank 0 meets the layers in reverse order (renamed so the orders differ), rank 1 none
+    if rank != 0:
+        return []
+    updates = []
+    for ids in _batches(3):
+        operators = _operators(_model(), ids)
+        updates += [{"z": operators["blocks.1.mixer"]}, {"a": operators["blocks.0.mixer"]}]
+    return updates
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, scenario: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = _model()
-        batches = _batches(4)
         metric = ESSMetric(kind="both", curve=True, splits=6)
-        for ids in batches[rank::world]:
-            metric.update(_operators(model, ids))
+        for operators in _rank_updates(scenario, rank, world):
+            metric.update(operators)
         result = metric.compute()
         if rank == 0:
             torch.save(result, out_file)
@@ -140,15 +153,17 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 
 @pytest.mark.slow
-def test_distributed_sync_equals_single_process(tmp_path):
+@pytest.mark.parametrize("scenario", ["even", "uneven"])
+def test_distributed_sync_equals_single_process(tmp_path, scenario):
+    """Uneven: layers met in other orders on different ranks, and a rank with no update."""
     out = tmp_path / "ddp.pt"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), scenario), nprocs=2, join=True)
     synced = torch.load(out)
-    model = _model()
     single = ESSMetric(kind="both", curve=True, splits=6)
-    for ids in _batches(4):
-        single.update(_operators(model, ids))
+    for rank in range(2):
+        for operators in _rank_updates(scenario, rank, 2):
+            single.update(operators)
     expected = single.compute()
     assert synced.keys() == expected.keys()
     for key, value in expected.items():
@@ -172,40 +187,6 @@ def test_merge_and_load_into_fresh_metrics():
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value)
-
-
-def _ddp_uneven_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
-    """Rank 0 sees the layers in reverse order (renamed so the orders differ), rank 1 sees nothing."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        metric = ESSMetric(kind="both", curve=True, splits=6)
-        if rank == 0:
-            for ids in _batches(3):
-                operators = _operators(_model(), ids)
-                metric.update({"z": operators["blocks.1.mixer"]})
-                metric.update({"a": operators["blocks.0.mixer"]})
-        result = metric.compute()
-        if rank == 0:
-            torch.save(result, out_file)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_distributed_sync_with_layers_in_other_orders_and_an_idle_rank(tmp_path):
-    out = tmp_path / "ddp.pt"
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_ddp_uneven_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
-    synced = torch.load(out)
-    single = ESSMetric(kind="both", curve=True, splits=6)
-    for ids in _batches(3):
-        operators = _operators(_model(), ids)
-        single.update({"a": operators["blocks.0.mixer"], "z": operators["blocks.1.mixer"]})
-    expected = single.compute()
-    assert synced.keys() == expected.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(synced[key], value, rtol=1e-10, atol=1e-12)
 
 
 def test_long_dense_layers_warn_about_all_splits():

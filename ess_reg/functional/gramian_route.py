@@ -12,15 +12,15 @@ Values at or below that resolution are reported as exactly zero.
 
 **Scaled form.** Trained models produce resets (log-decays of -1e3), channels and positions many
 orders of magnitude apart; squared quantities such as ``P`` and ``1 / sigma^2`` would then leave
-the floating-point range. Everything is therefore carried relative to a scale: the caller scales
-each channel's factors by powers of two, the log-decay cumsum stays in float64, each split's
-roots are scaled by a power of two (``U' = U / 2^e``), and the singular values come back as
-``sigma / 2^(e_U + e_V)`` with the scale as a logarithm. The backward works with scaled Gramians
-``P' = U'^H U' = diag(rho) C diag(rho)``: ``C`` is the Gramian in coordinates scaled by each
-state coordinate's root column norm, built by a recursion whose factors are all at most about 1
-(every exponent is combined in log space before ``exp``), and ``rho`` the column norms of ``U'``.
-So neither ``P`` nor the backward's ``grad / sigma`` weights over- or underflow, whatever the
-operator's scale.
+the floating-point range. The caller scales each channel's factors by powers of two and the
+log-decay cumsum stays in float64. Without gradients the values are channel-relative. With
+gradients the two roots are *balanced* per state coordinate (``tau = sqrt(Sigma_U Sigma_V)`` with
+``Sigma`` the roots' column norms, see :meth:`_Segments.spectrum`), so the block's largest value is
+about 1 after dividing by ``t^2`` (``t = max tau``), and the backward works with the Gramians of
+the balanced roots, ``diag(tau / t) C diag(tau / t)``: ``C`` is the Gramian in coordinates scaled
+by each coordinate's root column norm, built by a recursion whose factors are all at most about 1
+(every exponent is combined with its scale before ``exp``). So neither ``P`` nor the backward's
+``grad / sigma`` weights over- or underflow, whatever the operator's scale.
 
 The backward pass differentiates ``sigma`` with respect to the (scaled) Gramians, which are simple
 differentiable functions of ``c``, ``b`` and the decays: for a singular triplet ``(sigma, x, y)`` of
@@ -80,8 +80,7 @@ def gramian_singular_values(
         t is not None and t.requires_grad for t in (c, b, log_decay)
     )
     unique, inverse = torch.unique(splits, sorted=True, return_inverse=True)
-    segments = _Segments(c, b, log_decay, unique)
-    segments.rank_bound = torch.minimum(torch.minimum(unique, length - unique), torch.tensor(rank))
+    segments = _Segments(c, b, log_decay, unique, rank)
     values, log_scale = segments.spectrum(needs_grad)
     inverse = inverse.to(c.device)
     values, log_scale = values[:, inverse], log_scale[:, inverse]
@@ -122,9 +121,12 @@ class _Segments:
     """
 
     def __init__(
-        self, c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None, splits: torch.Tensor
+        self, c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None, splits: torch.Tensor,
+        rank: int,
     ) -> None:
         length = c.shape[-2]
+        #: ``[S]`` each split's largest possible rank, ``n`` of the resolution ``8 n eps sigma_max``
+        self.rank_bound = torch.minimum(torch.minimum(splits, length - splits), torch.tensor(rank))
         self.c, self.b = c, b
         self.bounds = [0, *splits.tolist(), length]
         self.count = splits.numel()

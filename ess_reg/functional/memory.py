@@ -12,6 +12,7 @@ Linux hosts, free memory on CUDA devices) and is set with :func:`set_memory_budg
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -21,6 +22,9 @@ DEFAULT_FRACTION = 0.5
 _FALLBACK_AVAILABLE = 8 << 30
 
 _budget: int | None = None
+#: device -> (time read, free bytes): the free memory is read at most every ``_CACHE_SECONDS``.
+_available_cache: dict[str, tuple[float, int]] = {}
+_CACHE_SECONDS = 1.0
 
 
 def set_memory_budget(nbytes: int | None) -> None:
@@ -35,10 +39,20 @@ def set_memory_budget(nbytes: int | None) -> None:
 
 
 def memory_budget(device: torch.device | str | None = None) -> int:
-    """The budget in bytes for an evaluation on ``device`` (default: the CPU)."""
+    """The budget in bytes for an evaluation on ``device`` (default: the CPU).
+
+    The free memory behind the default budget is read at most once a second per device, so a
+    training step that evaluates several layers does not query it each time.
+    """
     if _budget is not None:
         return _budget
-    return int(DEFAULT_FRACTION * available_memory(torch.device(device or "cpu")))
+    device = torch.device(device or "cpu")
+    now = time.monotonic()
+    cached = _available_cache.get(str(device))
+    if cached is None or now - cached[0] > _CACHE_SECONDS:
+        cached = (now, available_memory(device))
+        _available_cache[str(device)] = cached
+    return int(DEFAULT_FRACTION * cached[1])
 
 
 def available_memory(device: torch.device) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ess_reg._class_lookup import lookup_by_class
 from ess_reg.mixers import SequenceMixer
 from ess_reg.operators import Operator
 
@@ -62,10 +63,19 @@ def supported_types() -> list[str]:
     return sorted(f"{t.__module__}.{t.__qualname__}" for t in _REGISTRY)
 
 
-def recognised_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules of ``model`` the registry recognises, by name (``""`` for the model itself)."""
+def recognised_modules(model: nn.Module, *, required: bool = False) -> dict[str, nn.Module]:
+    """Modules of ``model`` the registry recognises, by name (``""`` for the model itself).
+
+    With ``required=True`` a model without any raises the one "no recognised module" error.
+    """
     _load_integrations()
-    return {name: m for name, m in model.named_modules() if _entry_for(m) is not None}
+    found = {name: m for name, m in model.named_modules() if _entry_for(m) is not None}
+    if required and not found:
+        raise ValueError(
+            f"{type(model).__name__} contains no module ess-reg recognises; supported types: "
+            f"{', '.join(supported_types())}. Teach it others with ess_reg.register_extractor()"
+        )
+    return found
 
 
 def capture_operators(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Operator]:
@@ -77,12 +87,7 @@ def capture_operators(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, 
     Raises:
         ValueError: if ``model`` contains no recognised module (the message lists what is supported).
     """
-    targets = recognised_modules(model)
-    if not targets:
-        raise ValueError(
-            f"{type(model).__name__} contains no module ess-reg recognises; supported types: "
-            f"{', '.join(supported_types())}. Teach it others with ess_reg.register_extractor()"
-        )
+    targets = recognised_modules(model, required=True)
     operators: dict[str, Operator] = {}
     handles = hook_operators(targets, lambda name, module, op, output: operators.__setitem__(name, op))
     try:
@@ -181,10 +186,7 @@ def _load_integrations() -> None:
 
 
 def _entry_for(module: nn.Module) -> _Entry | None:
-    for cls in type(module).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
-    return None
+    return lookup_by_class(_REGISTRY, module)
 
 
 def _mixer_operator(module: SequenceMixer, args, kwargs, output) -> Operator:

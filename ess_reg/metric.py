@@ -79,12 +79,24 @@ class ESSMetric(Metric):
         for name in sorted(operators):
             op = operators[name]
             if name in self.layers:
-                if self.curve and op.seq_len - 1 < int(self.curve_splits[name].max()):
-                    raise ValueError(f"layer {name!r}: curve=True needs the same splits on every update")
+                if self.curve:
+                    self._check_curve_splits(name, op)
                 continue
             self._warn_if_slow(name, op)
             index = resolve_splits(self.splits, op.seq_len) if self.curve else None
             self._add_layer(name, op.state_size, index)
+
+    def _check_curve_splits(self, name: str, op: Operator) -> None:
+        kept = self.curve_splits[name]
+        last = op.seq_len - 1
+        now = None if int(kept.max()) > last else resolve_splits(self.splits, op.seq_len)
+        if now is None or not torch.equal(now, kept):
+            raise ValueError(
+                f"ESSMetric(curve=True): layer {name!r} was first seen with splits {_short(kept)} and "
+                f"now has L = {op.seq_len}, which gives splits {_short(now) if now is not None else 'not '}"
+                f"{'' if now is not None else 'containing them'}; curves of different split positions "
+                "cannot be averaged. Pass fixed split indices valid for every length (splits=[...]), "
+                "use one metric per sequence length, or curve=False")
 
     def _add_layer(self, name: str, tss: int | None, curve_index: torch.Tensor | None) -> None:
         """States of one layer, named after the layer itself (the same on every rank)."""
@@ -182,7 +194,9 @@ class ESSMetric(Metric):
         self._register(operators)
         for name, op in operators.items():
             prefix = self.layers[name]
-            stats = _ess_update(op, self.kinds, splits=self.splits, tol=self.tol, relative=self.relative)
+            with torch.no_grad():  # a diagnostic: never the differentiable route, even under forward()
+                stats = _ess_update(op, self.kinds, splits=self.splits, tol=self.tol,
+                                    relative=self.relative)
             for stat in ("count", "samples", "curve_count"):
                 self._add(f"{prefix}_{stat}", stats[stat])
             for kind in self.kinds:
@@ -192,8 +206,8 @@ class ESSMetric(Metric):
                     self._add(f"{prefix}_{kind}_curve_sum", stats[f"{kind}_curve_sum"])
 
     def _add(self, state: str, value: torch.Tensor) -> None:
-        current = getattr(self, state)
-        setattr(self, state, current + value.to(current.device, current.dtype))
+        current = getattr(self, state)  # on the metric's device: no host synchronisation when it is
+        setattr(self, state, current + value.to(current.device, current.dtype))  # the model's
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The flat dict of results (see the class docstring)."""
@@ -244,3 +258,10 @@ class ESSMetric(Metric):
             ax.set(ylabel="utilization (ESS / TSS)", ylim=(0, 1.05), title="state utilization")
         fig.tight_layout()
         return fig, ax
+
+
+def _short(index: torch.Tensor) -> str:
+    values = index.tolist()
+    if len(values) <= 6:
+        return str(values)
+    return f"[{values[0]}, {values[1]}, ..., {values[-1]}] ({len(values)})"

@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
+
+# Figures are built with the object-oriented API and saved through Agg: importing this module never
+# touches pyplot or the user's matplotlib backend.
 
 
 def plot_training(records: Sequence[Mapping], path: str | Path) -> Path:
     """Accuracy and average ESS per layer against the step, from ``metrics.jsonl`` records."""
     evals = [r for r in records if "test_accuracy" in r]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
     steps = [r["step"] for r in evals]
     left.plot(steps, [r["test_accuracy"] for r in evals], marker="o", label="test")
     if any("train_accuracy" in r for r in evals):
@@ -44,7 +45,8 @@ def plot_ess_curves(
     Also draws the edge bound ``min(i, L - i)`` (every operator's ESS falls to 1 at the end of the
     sequence) and the state size ``N`` when given; the y-axis stops a little above the data.
     """
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     top = max((float(np.max(v)) for _, v in curves.values()), default=1.0)
     for layer, (splits, values) in curves.items():
         ax.plot(splits, values, label=layer)
@@ -65,5 +67,4 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

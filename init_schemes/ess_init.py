@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ess_reg._table import format_table
-from ess_reg.capture import hook_operators, recognised_modules, supported_types
+from ess_reg.capture import hook_operators, recognised_modules
 from ess_reg.functional.summary import ess_summary
 from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
 from init_schemes.registry import CANDIDATES, DEFAULTS, SCHEMES, Apply, lookup
@@ -87,12 +87,7 @@ def ess_init(
         raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
     if scheme != "auto" and scheme not in SCHEMES:
         raise ValueError(f"scheme must be 'auto' or one of {sorted(SCHEMES)}, got {scheme!r}")
-    mixers = recognised_modules(model)
-    if not mixers:
-        raise ValueError(
-            f"{type(model).__name__} contains no mixer ess_init recognises; supported types: "
-            f"{', '.join(supported_types())}"
-        )
+    mixers = recognised_modules(model, required=True)
     probe = _default_probe(model, seed) if probe is None else probe
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ess_reg._class_lookup import lookup_by_class
 from ess_reg.mixers import (
     S4D,
     GatedLinearAttention,
@@ -131,7 +132,4 @@ CANDIDATES: dict[type, list[tuple[str, Apply]] | Callable[[nn.Module], list[tupl
 
 def lookup(table: dict[type, object], module: nn.Module):
     """The entry for ``module``'s class or its nearest base, else None."""
-    for cls in type(module).__mro__:
-        if cls in table:
-            return table[cls]
-    return None
+    return lookup_by_class(table, module)

@@ -125,7 +125,7 @@ def test_named_schemes_and_errors():
         ess_init(model, scheme="xavier", verbose=False)
     with pytest.raises(ValueError, match="objective"):
         ess_init(model, objective="loss", verbose=False)
-    with pytest.raises(ValueError, match="no mixer ess_init recognises"):
+    with pytest.raises(ValueError, match="no module ess-reg recognises"):
         ess_init(torch.nn.Linear(3, 3), verbose=False)
     with pytest.raises(ValueError, match="probe"):
         ess_init(torch.nn.Sequential(SelectiveSSM(8)), verbose=False)

@@ -201,3 +201,34 @@ def test_long_dense_layers_warn_about_all_splits():
         warnings.simplefilter("error")
         ESSMetric(splits=8).update(long_dense)
         ESSMetric().update(random_causal(1, 40, seed=3))
+
+
+def test_curve_with_another_length_is_refused_by_name():
+    metric = ESSMetric(curve=True, splits=4)
+    metric.update({"mix": torch.randn(2, 8, 8, dtype=torch.float64).tril()})
+    for length in (12, 6):
+        with pytest.raises(ValueError, match=rf"curve=True.*'mix'.*L = {length}.*splits=\["):
+            metric.update({"mix": torch.randn(2, length, length, dtype=torch.float64).tril()})
+    fixed = ESSMetric(curve=True, splits=[1, 3, 5])
+    for length in (8, 12):
+        fixed.update({"mix": torch.randn(2, length, length, dtype=torch.float64).tril()})
+    assert fixed.compute()["mix/curve"].shape == (3,)
+
+
+def test_update_under_forward_builds_no_graph(monkeypatch):
+    import ess_reg.metric as metric_module
+
+    weights = torch.randn(2, 3, 8, 8, dtype=torch.float64).tril().requires_grad_()
+    metric = ESSMetric(splits=3)
+    seen = []
+    original = metric_module._ess_update
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(metric_module, "_ess_update", spy)
+    batch = metric({"mix": weights * 2})
+    assert seen and not any(seen)
+    assert all(not v.requires_grad for v in batch.values())
+    assert all(not getattr(metric, s).requires_grad for s in metric._defaults)

@@ -284,11 +284,19 @@ def utilization_from_curve(
     """Utilization ``[..., C]`` from an already computed ESS curve ``[..., C, S]`` (see
     :func:`utilization`); ``splits`` must be the ones the curve was computed on."""
     op = as_operator(operator)
-    if op.state_size is not None:
-        return curve.mean(dim=-1) / op.state_size
     index = resolve_splits(splits, op.seq_len)
-    bound = torch.minimum(index, op.seq_len - index).to(curve.device, curve.dtype)
-    return (curve / bound).mean(dim=-1)
+    return (curve / split_capacity(op, index).to(curve.device, curve.dtype)).mean(dim=-1)
+
+
+def split_capacity(operator: OperatorLike, splits: Splits = None) -> torch.Tensor:
+    """The largest ESS each split allows, ``[S]`` (float64): the TSS ``N`` of a realization, or
+    ``min(i, L - i)`` for an operator without a finite state. Every utilization in ess-reg (metric,
+    regularizer, summaries) is ESS divided by this."""
+    op = as_operator(operator)
+    index = resolve_splits(splits, op.seq_len)
+    if op.state_size is not None:
+        return torch.full(index.shape, float(op.state_size), dtype=torch.float64, device=index.device)
+    return torch.minimum(index, op.seq_len - index).to(torch.float64)
 
 
 # -- argument checks and helpers -------------------------------------------------------------------

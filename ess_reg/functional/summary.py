@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from ess_reg.functional.ess import DEFAULT_TOL, split_spectrum
+from ess_reg.functional.ess import DEFAULT_TOL, split_capacity, split_spectrum
 from ess_reg.functional.spectrum import entropy_ess, tolerance_ess
 from ess_reg.functional.splits import Splits, resolve_splits
 from ess_reg.operators import Operator, as_operator
@@ -37,24 +37,21 @@ def _ess_update(
     spectrum = split_spectrum(op, splits=index, dtype=dtype)
     sigma = spectrum.values if relative else spectrum.singular_values()  # float64: no underflow
     sigma = sigma.reshape(-1, op.num_channels, *sigma.shape[-2:])  # [B, C, S, R]
-    if op.state_size is not None:
-        capacity = torch.full((index.numel(),), float(op.state_size), dtype=dtype)
-    else:
-        capacity = torch.minimum(index, op.seq_len - index).to(dtype)
-    capacity = capacity.to(sigma.device)
+    capacity = split_capacity(op, index).to(sigma.device, dtype)
     batch, channels, count = sigma.shape[0], sigma.shape[1], index.numel()
-    stats = {
-        "count": torch.tensor(float(batch * channels * count), dtype=dtype),
-        "samples": torch.tensor(float(batch), dtype=dtype),
-        "curve_count": torch.tensor(float(batch * channels), dtype=dtype),
+    device = sigma.device
+    stats = {  # on the operator's device: nothing here waits for the device to finish
+        "count": torch.tensor(float(batch * channels * count), dtype=dtype, device=device),
+        "samples": torch.tensor(float(batch), dtype=dtype, device=device),
+        "curve_count": torch.tensor(float(batch * channels), dtype=dtype, device=device),
     }
     for kind in kinds:
         curve = entropy_ess(sigma) if kind == "entropy" else tolerance_ess(sigma, tol, relative=relative)
         curve = curve.detach().to(dtype)  # [B, C, S]
-        stats[f"{kind}_sum"] = curve.sum().cpu()
-        stats[f"{kind}_util_sum"] = (curve / capacity).sum().cpu()
-        stats[f"{kind}_total_sum"] = curve.mean(-1).sum().cpu()
-        stats[f"{kind}_curve_sum"] = curve.sum(dim=(0, 1)).cpu()
+        stats[f"{kind}_sum"] = curve.sum()
+        stats[f"{kind}_util_sum"] = (curve / capacity).sum()
+        stats[f"{kind}_total_sum"] = curve.mean(-1).sum()
+        stats[f"{kind}_curve_sum"] = curve.sum(dim=(0, 1))
     return stats
 
 
@@ -80,9 +77,10 @@ def ess_summary(
     """One operator's ESS summary: ``ess`` (average per channel: mean over splits, channels and
     samples), ``total_ess`` (summed over channels, mean over samples), ``utilization`` (ESS / TSS, or
     ESS_i / ``min(i, L - i)`` without a finite state), ``tss`` (per channel, or None) and ``curve``
-    (mean ESS at each split, ``[S]``). Values are detached float64 tensors."""
+    (mean ESS at each split, ``[S]``). Values are detached float64 tensors on the CPU."""
     if kind not in ("entropy", "tolerance"):
         raise ValueError(f"kind must be 'entropy' or 'tolerance', got {kind!r}")
     op = as_operator(operator)
     stats = _ess_update(op, (kind,), splits=splits, tol=tol, relative=relative, dtype=dtype)
-    return {**_ess_compute(stats, kind), "tss": op.state_size}
+    values = {key: value.cpu() for key, value in _ess_compute(stats, kind).items()}
+    return {**values, "tss": op.state_size}

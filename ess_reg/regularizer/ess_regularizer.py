@@ -1,21 +1,21 @@
-"""``ESSRegularizer`` (a differentiable ESS term) and ``TransitionPenalty`` (the paper's baseline)."""
+"""``ESSRegularizer``: a differentiable effective-state-size term for the loss or the backward pass."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ess_reg.capture import hook_operators, recognised_modules
-from ess_reg.functional import entropy_ess, split_spectrum
-from ess_reg.mixers import SequenceMixer
+from ess_reg.capture import hook_operators
+from ess_reg.functional import entropy_ess, split_capacity, split_spectrum
 from ess_reg.operators import Operator
+from ess_reg.regularizer.injection import _InjectPenalty
+from ess_reg.regularizer.selection import ModuleSelector, select_modules
 
 Target = Literal["max", "min"] | float
-ModuleSelector = Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool] | None
 _KINDS = ("entropy", "soft_tolerance")
 
 
@@ -167,10 +167,7 @@ class ESSRegularizer:
         sigma = split_spectrum(op, splits=index, dtype=self.dtype).values
         ess = entropy_ess(sigma) if self.kind == "entropy" else self._soft_count(sigma)
         if self.normalize:
-            if op.state_size is not None:
-                ess = ess / op.state_size
-            else:
-                ess = ess / torch.minimum(index, op.seq_len - index).to(ess.device, ess.dtype)
+            ess = ess / split_capacity(op, index).to(ess.device, ess.dtype)
         return ess.mean()
 
     def _soft_count(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -307,137 +304,6 @@ def _detached(op: Operator) -> Operator:
         return op.rebuild([t.detach() for t in op.tensors()])
     except NotImplementedError:
         return op
-
-
-class _InjectPenalty(torch.autograd.Function):
-    """Identity on a module's output whose backward adds a penalty's gradient to the operator's
-    tensors (computed then, on their device, and scaled like the loss under a GradScaler)."""
-
-    @staticmethod
-    def forward(ctx, penalty, regularizer, output, *tensors):
-        ctx.penalty, ctx.regularizer = penalty, regularizer
-        ctx.save_for_backward(*tensors)
-        return output.clone()  # a view would forbid in-place ops on the module's output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        tensors = ctx.saved_tensors
-        needs = ctx.needs_input_grad[3:]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
-            wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = iter(torch.autograd.grad(ctx.penalty(leaves), wanted, allow_unused=True)
-                         if wanted else ())
-        scale = ctx.regularizer._grad_scale()
-        out = []
-        for leaf in leaves:
-            grad = next(grads) if leaf.requires_grad else None
-            out.append(None if grad is None else grad * scale)
-        return (None, None, grad_output, *out)
-
-
-class TransitionPenalty:
-    """The paper's baseline (Appendix A): ``weight * mean ||A_t - I||_F``.
-
-    Averaged over steps, heads (channels) and batch, then over layers, for the mixers with a state
-    transition (``la``, ``wla``, ``gla``, ``s6``, ``ssd``). Pulls the transition towards the
-    identity (less forgetting). Hooks the mixers like :class:`ESSRegularizer`; call it after each
-    forward: ``loss = task_loss + penalty()``.
-    """
-
-    def __init__(self, model: nn.Module, weight: float = 1e-2, *, modules: ModuleSelector = None) -> None:
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-        self.model, self.weight = model, float(weight)
-        chosen = select_modules(model, modules)
-        self.modules = {n: m for n, m in chosen.items()
-                        if isinstance(m, SequenceMixer) and m.has_transition}
-        if not self.modules:
-            raise ValueError(
-                "TransitionPenalty found no mixer with a state transition (la, wla, gla, s6, ssd) "
-                f"among {sorted(chosen)}"
-            )
-        self.transitions: dict[str, torch.Tensor] = {}
-        self.values: dict[str, torch.Tensor] = {}
-        self._handles = []
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(_request_transition))
-            self._handles.append(module.register_forward_hook(_KeepTransition(self, name)))
-
-    def __call__(self) -> torch.Tensor:
-        """The penalty for the last forward (a scalar)."""
-        if not self.transitions:
-            return torch.zeros(())
-        terms = []
-        for name, a in self.transitions.items():
-            n = self.modules[name].state_size
-            if a.shape[-1] == 1:  # scalar transition a * I_N
-                norm = (a[..., 0] - 1).abs() * math.sqrt(n)
-            else:
-                norm = torch.sqrt(((a - 1) ** 2).sum(-1) + torch.finfo(a.dtype).tiny)
-            self.values[name] = norm.mean().detach()
-            terms.append(norm.mean())
-        self.transitions = {}
-        return self.weight * torch.stack(terms).mean()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> TransitionPenalty:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-def _request_transition(module: SequenceMixer, args: tuple) -> None:
-    module.request_capture(operator=False, transition=True)
-
-
-class _KeepTransition:
-    def __init__(self, penalty: TransitionPenalty, name: str) -> None:
-        self.penalty, self.name = penalty, name
-
-    def __call__(self, module: SequenceMixer, args: tuple, output: Any) -> None:
-        self.penalty.transitions[self.name] = module.captured_transition
-        module.captured_transition = None
-
-
-def select_modules(model: nn.Module, modules: ModuleSelector) -> dict[str, nn.Module]:
-    """The recognised mixers of ``model`` picked by ``modules`` (names, types or a predicate)."""
-    recognised = recognised_modules(model)
-    if not recognised:
-        from ess_reg.capture import supported_types
-
-        raise ValueError(
-            f"{type(model).__name__} contains no module ess-reg recognises; supported types: "
-            f"{', '.join(supported_types())}"
-        )
-    if modules is None:
-        return recognised
-    named = dict(model.named_modules())
-    if isinstance(modules, type | tuple):
-        chosen = {n: m for n, m in recognised.items() if isinstance(m, modules)}
-    elif callable(modules):
-        chosen = {n: m for n, m in recognised.items() if modules(n, m)}
-    elif isinstance(modules, Iterable) and not isinstance(modules, str):
-        chosen = {}
-        for name in modules:
-            if name not in named:
-                raise ValueError(f"modules: {name!r} is not a submodule of the model; "
-                                 f"recognised mixers: {sorted(recognised)}")
-            if name not in recognised:
-                raise ValueError(f"modules: {name!r} ({type(named[name]).__name__}) is not a "
-                                 f"recognised mixer; recognised: {sorted(recognised)}")
-            chosen[name] = named[name]
-    else:
-        raise TypeError("modules must be None, a list of module names, a module type (or tuple of "
-                        "types) or a predicate f(name, module) -> bool")
-    if not chosen:
-        raise ValueError(f"modules selected no recognised mixer; recognised: {sorted(recognised)}")
-    return chosen
 
 
 def _check_config(weight, kind, target, splits, every_n_steps, warmup_steps, dtype, tol, temperature):

@@ -1,0 +1,32 @@
+"""The identity autograd node through which attached mode adds a penalty's gradient."""
+
+from __future__ import annotations
+
+import torch
+
+
+class _InjectPenalty(torch.autograd.Function):
+    """Identity on a module's output whose backward adds a penalty's gradient to the operator's
+    tensors (computed then, on their device, and scaled like the loss under a GradScaler)."""
+
+    @staticmethod
+    def forward(ctx, penalty, regularizer, output, *tensors):
+        ctx.penalty, ctx.regularizer = penalty, regularizer
+        ctx.save_for_backward(*tensors)
+        return output.clone()  # a view would forbid in-place ops on the module's output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.penalty(leaves), wanted, allow_unused=True)
+                         if wanted else ())
+        scale = ctx.regularizer._grad_scale()
+        out = []
+        for leaf in leaves:
+            grad = next(grads) if leaf.requires_grad else None
+            out.append(None if grad is None else grad * scale)
+        return (None, None, grad_output, *out)

@@ -13,6 +13,7 @@ from init_schemes.mamba import dt_bias_, mamba2_A_log_, mamba_A_log_
 from init_schemes.projections import projections_
 from init_schemes.registry import CANDIDATES, DEFAULTS, SCHEMES
 from init_schemes.s4d import hippo_legs, log_uniform_, s4d_A_, s4d_modes
+from init_schemes.third_party import s5_lambda_
 
 __all__ = [
     "CANDIDATES",
@@ -34,5 +35,6 @@ __all__ = [
     "retnet_decay_",
     "s4d_A_",
     "s4d_modes",
+    "s5_lambda_",
     "wla_memory_",
 ]

@@ -15,6 +15,7 @@ from ess_reg.capture import hook_operators, recognised_modules
 from ess_reg.functional.summary import ess_summary
 from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
 from init_schemes.registry import CANDIDATES, DEFAULTS, SCHEMES, Apply, lookup
+from init_schemes.third_party import register_available_schemes
 
 _OBJECTIVES = ("utilization", "ess")
 
@@ -88,6 +89,7 @@ def ess_init(
     if scheme != "auto" and scheme not in SCHEMES:
         raise ValueError(f"scheme must be 'auto' or one of {sorted(SCHEMES)}, got {scheme!r}")
     mixers = recognised_modules(model, required=True)
+    register_available_schemes()
     probe = _default_probe(model, seed) if probe is None else probe
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -110,21 +112,18 @@ def ess_init(
             if not options:
                 layers.append(LayerInit(name, label, "unchanged (no schemes)", before, before))
                 continue
-            original = copy.deepcopy(module.state_dict())
-            original_attrs = _attrs(module)
-            best = ("unchanged", before, original, original_attrs)
+            original = copy.deepcopy(module.state_dict())  # holds the chosen settings too
+            best = ("unchanged", before, original)
             evaluated = []
             for option, apply in options:
                 module.load_state_dict(original)
-                _restore_attrs(module, original_attrs)
                 draw = int(torch.randint(2**31, (1,), generator=generator))
                 apply(module, torch.Generator().manual_seed(draw))
                 value = _score(model, name, module, probe, objective, splits)
                 evaluated.append((option, value))
                 if value > best[1]:
-                    best = (option, value, copy.deepcopy(module.state_dict()), _attrs(module))
+                    best = (option, value, copy.deepcopy(module.state_dict()))
             module.load_state_dict(best[2])
-            _restore_attrs(module, best[3])
             layers.append(LayerInit(name, label, best[0], before, best[1], evaluated))
     finally:
         model.train(was_training)
@@ -139,6 +138,7 @@ def init_weights_ess(module: nn.Module, name: str = "") -> None:
     ``timm.models.named_apply(init_weights_ess, model)``. Uses each type's default scheme, with a
     seed drawn from torch's global generator: every module gets its own draws, and
     ``torch.manual_seed`` makes them reproducible."""
+    register_available_schemes()
     apply = lookup(DEFAULTS, module)
     if apply is not None:
         seed = int(torch.randint(0, 2**62, ()).item())
@@ -146,18 +146,6 @@ def init_weights_ess(module: nn.Module, name: str = "") -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-_OWNED_ATTRS = ("gate_logit_normalizer", "temperature", "feature_map")
-
-
-def _attrs(module: nn.Module) -> dict[str, Any]:
-    return {a: getattr(module, a) for a in _OWNED_ATTRS if hasattr(module, a)}
-
-
-def _restore_attrs(module: nn.Module, attrs: dict[str, Any]) -> None:
-    for key, value in attrs.items():
-        setattr(module, key, value)
-
-
 def _candidates_for(module, label, candidates):
     if candidates is not None and label in candidates:
         return list(candidates[label])
@@ -193,7 +181,7 @@ def _subsample(op: Operator) -> Operator:
     if isinstance(op, DiagonalRealization):
         parts = [None if t is None else t.reshape(-1, *t.shape[-2:])[index][None]
                  for t in (op.c, op.b, op.log_decay)]
-        return DiagonalRealization(*parts, validate=False)
+        return DiagonalRealization(*parts, state_size=op.state_size, validate=False)
     matrix = op.dense().reshape(-1, op.seq_len, op.seq_len)[index][None]
     return DenseOperator(matrix, validate=False)
 

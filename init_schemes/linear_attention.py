@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ess_reg.mixers import LinearAttention, make_feature_map
+from ess_reg.mixers import LinearAttention
 
 #: Feature maps without parameters or buffers whose width equals their input's (``out_dim = d``):
 #: ``ess_init`` may swap between them without changing the state size or the parameter set.
@@ -22,19 +22,9 @@ def la_feature_map_(mixer: LinearAttention, feature_map: str | None = None,
     optimizer.
     """
     if temperature is not None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        mixer.temperature = float(temperature)
-    if feature_map is None:
-        return
-    new = make_feature_map(feature_map, mixer.feature_dim)
-    if mixer.normalize and not new.positive:
-        raise ValueError(f"feature_map {feature_map!r} is not positive, but the layer has "
-                         "normalize=True; pick one of elu, relu, squared_relu, performer, taylor, hedgehog")
-    reference = next(mixer.parameters(), None)
-    if reference is not None:
-        new = new.to(device=reference.device)
-    mixer.feature_map = new
+        mixer.temperature = temperature
+    if feature_map is not None:
+        mixer.set_feature_map(feature_map)
 
 
 def plain_feature_map(mixer: LinearAttention) -> str | None:

@@ -75,7 +75,7 @@ def test_normalized_linear_attention_is_a_row_scaling():
 def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="feature_map must be one of"):
         LinearAttention(32, feature_map="cosine")
-    with pytest.raises(ValueError, match="positive feature map"):
+    with pytest.raises(ValueError, match="not positive, but the layer has normalize=True"):
         LinearAttention(32, feature_map="identity", normalize=True)
     with pytest.raises(ValueError, match="divisible"):
         MIXERS["sa"](d_model=30, num_heads=4)

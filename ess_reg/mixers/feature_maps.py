@@ -131,6 +131,9 @@ FEATURE_MAPS: dict[str, type[FeatureMap]] = {
     "hedgehog": Hedgehog,
 }
 
+#: Stable order of the names: a linear-attention layer saves its map as an index into this tuple.
+FEATURE_MAP_NAMES: tuple[str, ...] = tuple(FEATURE_MAPS)
+
 
 def make_feature_map(name: str, dim: int) -> FeatureMap:
     """Build a feature map by name (see :data:`FEATURE_MAPS`)."""

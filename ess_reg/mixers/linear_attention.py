@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from ess_reg.mixers._kernels import HeadRMSNorm, ShortConv, merge_heads, split_heads
+from ess_reg.mixers._settings import ScalarSetting
 from ess_reg.mixers.base import RealizationMixer
-from ess_reg.mixers.feature_maps import make_feature_map
+from ess_reg.mixers.feature_maps import FEATURE_MAP_NAMES, FEATURE_MAPS, make_feature_map
 
 
 class LinearAttention(RealizationMixer):
@@ -25,6 +26,7 @@ class LinearAttention(RealizationMixer):
     """
 
     name = "la"
+    temperature = ScalarSetting()
 
     def __init__(
         self,
@@ -43,13 +45,10 @@ class LinearAttention(RealizationMixer):
         self.d_model, self.num_heads = d_model, num_heads
         self.head_dim = d_model // num_heads
         self.feature_dim = feature_dim or self.head_dim
-        self.feature_map = make_feature_map(feature_map, self.feature_dim)
-        if normalize and not self.feature_map.positive:
-            raise ValueError(f"normalize=True needs a positive feature map, not {feature_map!r}")
         self.normalize, self.eps = normalize, eps
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.register_buffer("_feature_map_code", torch.tensor(0))
+        self.set_feature_map(feature_map)
+        self.temperature = temperature  # a buffer: travels with state_dict
         key_width = num_heads * self.feature_dim
         self.q = nn.Linear(d_model, key_width, bias=False)
         self.k = nn.Linear(d_model, key_width, bias=False)
@@ -57,6 +56,28 @@ class LinearAttention(RealizationMixer):
         self.conv = ShortConv(2 * key_width + d_model) if short_conv else None
         self.norm = HeadRMSNorm(self.head_dim)
         self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def set_feature_map(self, name: str) -> None:
+        """Use the feature map ``name`` (see ``FEATURE_MAPS``), built for this layer's ``feature_dim``
+        on its device. The choice is saved in ``state_dict`` and restored by ``load_state_dict``."""
+        new = make_feature_map(name, self.feature_dim)
+        if self.normalize and not new.positive:
+            raise ValueError(f"feature_map {name!r} is not positive, but the layer has normalize=True; "
+                             f"pick one of {', '.join(n for n, m in FEATURE_MAPS.items() if m.positive)}")
+        reference = next((p for p in self.parameters() if p.is_floating_point()), None)
+        self.feature_map = new.to(self._feature_map_code.device) if reference is None else new.to(
+            reference.device, reference.dtype)
+        self._feature_map_code.fill_(FEATURE_MAP_NAMES.index(name))
+
+    @property
+    def feature_map_name(self) -> str:
+        return FEATURE_MAP_NAMES[int(self._feature_map_code)]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        code = state_dict.get(prefix + "_feature_map_code")
+        if code is not None and int(code) != int(self._feature_map_code):  # rebuild before the
+            self.set_feature_map(FEATURE_MAP_NAMES[int(code)])  # map's own parameters load
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def state_size(self) -> int:
@@ -68,8 +89,8 @@ class LinearAttention(RealizationMixer):
             qkv = self.conv(qkv)
         width = self.num_heads * self.feature_dim
         q, k, v = qkv.split([width, width, self.d_model], dim=-1)
-        phi_q = self.feature_map(split_heads(q, self.num_heads) / self.temperature, is_query=True)
-        phi_k = self.feature_map(split_heads(k, self.num_heads) / self.temperature, is_query=False)
+        phi_q = self.feature_map(split_heads(q, self.num_heads) / self._temperature, is_query=True)
+        phi_k = self.feature_map(split_heads(k, self.num_heads) / self._temperature, is_query=False)
         if self.normalize:
             c = phi_q / ((phi_q * phi_k.cumsum(dim=-2)).sum(-1, keepdim=True) + self.eps)
         else:

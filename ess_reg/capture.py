@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -110,12 +111,20 @@ def hook_operators(
     callback: OperatorCallback,
     *,
     active: Callable[[], bool] = _always,
+    replay: OperatorCallback | None = None,
+    reentrant_error: str | None = None,
 ) -> list[RemovableHandle]:
     """Persistent hooks: after each forward of a module, ``callback(name, module, operator, output)``.
 
     Only forwards that start while ``active()`` is true build an operator. A callback that returns
     something other than ``None`` replaces the module's output. Returns the hook handles (call
     ``.remove()`` on each to detach).
+
+    Activation checkpointing runs a module's forward again inside the backward pass. Such a
+    recomputation repeats the original forward's decision (so the checkpoint sees the same saved
+    tensors) and goes to ``replay`` (default: ignored) instead of ``callback``. A recomputation of
+    a forward that ran without gradients is reentrant checkpointing (``use_reentrant=True``), whose
+    forward the hooks could not capture: with ``reentrant_error`` set it raises that message.
     """
     handles: list[RemovableHandle] = []
     for name, module in modules.items():
@@ -125,15 +134,21 @@ def hook_operators(
                 f"module {name!r} ({type(module).__name__}) is not recognised; supported types: "
                 f"{', '.join(supported_types())}"
             )
-        pre = _ArmHook(entry, active)
+        pre = _ArmHook(name, entry, active, reentrant_error)
         handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(_ExtractHook(name, entry, pre, callback),
+        handles.append(module.register_forward_hook(_ExtractHook(name, entry, pre, callback, replay),
                                                     with_kwargs=True))
     return handles
 
 
 def _never() -> bool:
     return False
+
+
+def recomputing() -> bool:
+    """Whether a module forward runs inside the backward pass (activation checkpointing's
+    recomputation), outside compiled code."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class _ArmHook:
@@ -143,14 +158,24 @@ class _ArmHook:
     never builds operators, and the regularizer or metric behind the hook is not copied with it.
     """
 
-    def __init__(self, entry: _Entry, active: Callable[[], bool]) -> None:
-        self.entry, self.active, self.armed = entry, active, False
+    def __init__(self, name: str, entry: _Entry, active: Callable[[], bool],
+                 reentrant_error: str | None = None) -> None:
+        self.name, self.entry, self.active, self.reentrant_error = name, entry, active, reentrant_error
+        self.armed = self.replaying = self.forward_armed = False
+        self.forward_grad = True
 
     def __deepcopy__(self, memo: dict) -> _ArmHook:
-        return _ArmHook(self.entry, _never)
+        return _ArmHook(self.name, self.entry, _never)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.armed = bool(self.active())
+        self.replaying = recomputing()
+        if self.replaying:
+            if not self.forward_grad and torch.is_grad_enabled() and self.reentrant_error:
+                raise RuntimeError(f"layer {self.name!r}: {self.reentrant_error}")
+            self.armed = self.forward_armed  # the checkpoint expects the original forward's ops
+        else:
+            self.forward_grad = torch.is_grad_enabled()
+            self.armed = self.forward_armed = bool(self.active())
         if self.armed and self.entry.prepare is not None:
             self.entry.prepare(module)
 
@@ -158,8 +183,9 @@ class _ArmHook:
 class _ExtractHook:
     """Forward hook: extracts the operator and hands it to the callback (picklable)."""
 
-    def __init__(self, name: str, entry: _Entry, arm: _ArmHook, callback: OperatorCallback) -> None:
-        self.name, self.entry, self.arm, self.callback = name, entry, arm, callback
+    def __init__(self, name: str, entry: _Entry, arm: _ArmHook, callback: OperatorCallback,
+                 replay: OperatorCallback | None = None) -> None:
+        self.name, self.entry, self.arm, self.callback, self.replay = name, entry, arm, callback, replay
 
     def __deepcopy__(self, memo: dict) -> _ExtractHook:
         arm = memo.get(id(self.arm)) or self.arm.__deepcopy__(memo)
@@ -169,7 +195,10 @@ class _ExtractHook:
         if not self.arm.armed:
             return None
         self.arm.armed = False
-        return self.callback(self.name, module, self.entry.extract(module, args, kwargs, output), output)
+        operator = self.entry.extract(module, args, kwargs, output)
+        if self.arm.replaying:
+            return None if self.replay is None else self.replay(self.name, module, operator, output)
+        return self.callback(self.name, module, operator, output)
 
 
 def _ignore(name: str, module: nn.Module, operator: Operator, output: Any) -> None:

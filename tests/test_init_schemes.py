@@ -310,7 +310,7 @@ def test_ess_init_covers_third_party_layers(kind):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     probe = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
     report = ess_init(model, probe=probe, verbose=False)
-    assert report.layers and all("unchanged (no schemes)" != e.scheme for e in report.layers)
+    assert report.layers and all(e.scheme != "unchanged (no schemes)" for e in report.layers)
     assert all(len(e.evaluated) >= 6 for e in report.layers)
     for name, value in model.named_parameters():
         if not name.endswith(_OWNED_THIRD_PARTY[kind]):

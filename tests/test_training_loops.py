@@ -181,6 +181,65 @@ def test_a_forward_that_captured_nothing_names_reentrant_checkpointing():
         reg()
 
 
+class _Checkpointed(nn.Module):
+    """A block run through torch.utils.checkpoint."""
+
+    def __init__(self, block: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.inner, self.reentrant = block, reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.inner, x, use_reentrant=self.reentrant)
+
+
+def _checkpointed(model: SequenceModel, reentrant: bool, blocks=(0, 1)) -> SequenceModel:
+    for index in blocks:
+        model.blocks[index] = _Checkpointed(model.blocks[index], reentrant)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["loss_term", "attached"])
+def test_non_reentrant_checkpointing_keeps_penalty_and_gradients(mode):
+    """Recomputation inside backward neither adds operators nor counts layers twice."""
+    grads, values = {}, {}
+    for wrapped in (False, True):
+        model, ids = _model(), _ids()
+        if wrapped:
+            _checkpointed(model, reentrant=False)
+        reg = ESSRegularizer(model, weight=1.0, splits=4)
+        if mode == "attached":
+            reg.attach()
+        for _ in range(3):
+            model.zero_grad()
+            loss = _loss(model, ids)
+            if mode == "loss_term":
+                loss = loss + reg()
+            loss.backward()
+            if mode == "attached":
+                reg.advance()
+            assert not reg._pending
+        grads[wrapped] = [p.grad.clone() for p in model.parameters()]
+        values[wrapped] = [float(v) for v in reg.values.values()]
+    for plain, wrapped in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(wrapped, plain, rtol=1e-10, atol=1e-12)
+    assert values[True] == pytest.approx(values[False], rel=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["loss_term", "attached"])
+def test_reentrant_checkpointing_is_a_clear_error(mode):
+    """use_reentrant=True hides the forward from the hooks: an error naming the fix, never a 0."""
+    model, ids = _model(), _ids()
+    _checkpointed(model, reentrant=True, blocks=(1,))  # block 0 is still seen
+    reg = ESSRegularizer(model, weight=1.0, splits=4)
+    if mode == "attached":
+        reg.attach()
+    loss = _loss(model, ids)
+    if mode == "loss_term":
+        loss = loss + reg()
+    with pytest.raises(RuntimeError, match=r"blocks\.1\.inner\.mixer.*use_reentrant=False"):
+        loss.backward()
+
+
 def test_lbfgs_through_the_closure():
     model, ids = _model(), _ids()
     opt = ESSOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3), ESSRegularizer(model))

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ess_reg.capture import hook_operators
+from ess_reg.capture import hook_operators, recomputing
 from ess_reg.functional import entropy_ess, split_capacity, split_spectrum
 from ess_reg.operators import Operator
 from ess_reg.regularizer.injection import _InjectPenalty
@@ -92,7 +92,8 @@ class ESSRegularizer:
         self._hook()
 
     def _hook(self) -> None:
-        self._handles = hook_operators(self.modules, self._on_forward, active=self._capture_now)
+        self._handles = hook_operators(self.modules, self._on_forward, active=self._capture_now,
+                                       replay=self._on_recompute, reentrant_error=_REENTRANT)
         self._handles.append(self.model.register_forward_pre_hook(_StartForward(self)))
 
     # -- schedule ------------------------------------------------------------------------------
@@ -211,6 +212,13 @@ class ESSRegularizer:
 
         return _InjectPenalty.apply(penalty, self, output, *tensors)
 
+    def _on_recompute(self, name: str, module: nn.Module, op: Operator, output: Any) -> Any:
+        """Activation checkpointing recomputes a layer inside backward: in attached mode the
+        recomputed forward must save what the original saved (its penalty was counted already)."""
+        if not self._attached or not isinstance(output, torch.Tensor):
+            return None
+        return _InjectPenalty.apply(_no_penalty, self, output, *op.tensors())
+
     def attach(self, grad_scaler: Any = None) -> ESSRegularizer:
         """Backward-pass mode: the penalty's gradient is added inside ``loss.backward()``.
 
@@ -285,7 +293,8 @@ class _StartForward:
         self.regularizer = regularizer
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.regularizer._calls = {}
+        if not recomputing():  # a checkpointed model recomputed in backward is not a new forward
+            self.regularizer._calls = {}
 
     def __deepcopy__(self, memo: dict) -> _InertHook:
         return _InertHook()
@@ -296,6 +305,18 @@ class _InertHook:
 
     def __call__(self, *args: Any) -> None:
         return None
+
+
+_REENTRANT = (
+    "the ESS penalty cannot see this layer: it runs under reentrant activation checkpointing "
+    "(torch.utils.checkpoint(..., use_reentrant=True), or a model's gradient_checkpointing_enable() "
+    "with use_reentrant=True), whose forward runs without gradients. Use use_reentrant=False "
+    "(e.g. gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))")
+
+
+def _no_penalty(leaves: list[torch.Tensor]) -> torch.Tensor:
+    """A zero connected to ``leaves`` (the recomputed injection nodes' backward never adds anything)."""
+    return sum(leaf.real.sum() * 0 for leaf in leaves if leaf.requires_grad)
 
 
 def _detached(op: Operator) -> Operator:

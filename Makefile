@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ess-reg train --out runs/demo
+	$(BIN)/ess-reg train --out runs/demo --overwrite
 	$(BIN)/ess-reg analyze runs/demo
 
 test: $(STAMP)

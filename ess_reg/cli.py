@@ -57,15 +57,49 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ess-reg", description="Effective state-size of sequence models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a SequenceModel on a synthetic task, logging ESS")
+    _add_train_arguments(train)
+
+    analyze = commands.add_parser("analyze", help="per-layer ESS table of a trained run")
+    analyze.add_argument("run", nargs="?", help="run folder or checkpoint.pt written by 'ess-reg train'")
+    analyze.add_argument("--hf", metavar="CONFIG_OR_PATH",
+                         help="analyze a transformers model from a local folder (config.json, with or "
+                              "without weights; nothing is downloaded) instead of a run")
+    analyze.add_argument("--ids", help="--hf: comma-separated token ids of one input sequence")
+    analyze.add_argument("--text", help="--hf: a text file, tokenized with the folder's tokenizer")
+    analyze.add_argument("--seq-len", type=_positive, default=64,
+                         help="--hf: length of the random token sequences used without --ids/--text")
+    analyze.add_argument("--examples", type=_positive, default=32, help="fresh task inputs to analyse")
+    analyze.add_argument("--splits", type=_evenly_spaced_splits, default=None,
+                         help="evenly spaced splits, or all (default: all; 64 for attention-like "
+                              "layers with L > 257)")
+    analyze.add_argument("--seed", type=int, default=12345, help="seed of the fresh inputs")
+    analyze.add_argument("--device", default="cpu")
+    analyze.add_argument("--out", default=None, help="where to save the curve plot (default: the run)")
+
+    show = commands.add_parser("showcase", help="ESS of random operators of common mixer families")
+    show.add_argument("--seq-len", type=_positive, default=256, help="sequence length L")
+    show.add_argument("--state", type=_positive, default=16, help="state size N per channel")
+    show.add_argument("--channels", type=_positive, default=8, help="channels per operator")
+    show.add_argument("--splits", type=_evenly_spaced_splits, default=None,
+                      help="evenly spaced splits (default all)")
+    show.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+#: Flags ``--resume`` accepts besides itself; the rest of the config comes from the checkpoint.
+_RESUME_FLAGS = ("--steps", "--checkpoint-every", "--device", "--tensorboard", "--no-progress")
+
+
+def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     from ess_reg.mixers import MIXERS
     from ess_reg.tasks import TASKS
     from ess_reg.training import TrainConfig
 
     defaults = TrainConfig()
-    parser = _Parser(prog="ess-reg", description="Effective state-size of sequence models.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    train = commands.add_parser("train", help="train a SequenceModel on a synthetic task, logging ESS")
     train.add_argument("--mixer", default=defaults.mixer,
                        help=f"mixer name, or a comma-separated list per layer ({', '.join(MIXERS)})")
     train.add_argument("--task", default=defaults.task, choices=sorted(TASKS))
@@ -100,40 +134,50 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ESS regularizer kind, or the paper's ||A - I||_F transition penalty")
     train.add_argument("--reg-splits", type=_splits, default=defaults.reg_splits,
                        help="random splits per step for the ESS regularizer ('all': every split)")
+    train.add_argument("--checkpoint-every", type=_positive, default=defaults.checkpoint_every,
+                       metavar="N", help="save RUN/checkpoint.pt every N steps and at the end "
+                                         "(default: at every evaluation, i.e. every --log-every steps)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in a non-empty --out folder, replacing its run (default: refuse)")
+    train.add_argument("--resume", metavar="RUN", default=None,
+                       help="continue the run in folder RUN from its last checkpoint up to --steps "
+                            "(default: start a new run); the config comes from the checkpoint, and "
+                            f"only {', '.join(_RESUME_FLAGS)} may be given with --resume")
 
-    analyze = commands.add_parser("analyze", help="per-layer ESS table of a trained run")
-    analyze.add_argument("run", nargs="?", help="run folder or checkpoint.pt written by 'ess-reg train'")
-    analyze.add_argument("--hf", metavar="CONFIG_OR_PATH",
-                         help="analyze a transformers model from a local folder (config.json, with or "
-                              "without weights; nothing is downloaded) instead of a run")
-    analyze.add_argument("--ids", help="--hf: comma-separated token ids of one input sequence")
-    analyze.add_argument("--text", help="--hf: a text file, tokenized with the folder's tokenizer")
-    analyze.add_argument("--seq-len", type=_positive, default=64,
-                         help="--hf: length of the random token sequences used without --ids/--text")
-    analyze.add_argument("--examples", type=_positive, default=32, help="fresh task inputs to analyse")
-    analyze.add_argument("--splits", type=_evenly_spaced_splits, default=None,
-                         help="evenly spaced splits, or all (default: all; 64 for attention-like "
-                              "layers with L > 257)")
-    analyze.add_argument("--seed", type=int, default=12345, help="seed of the fresh inputs")
-    analyze.add_argument("--device", default="cpu")
-    analyze.add_argument("--out", default=None, help="where to save the curve plot (default: the run)")
 
-    show = commands.add_parser("showcase", help="ESS of random operators of common mixer families")
-    show.add_argument("--seq-len", type=_positive, default=256, help="sequence length L")
-    show.add_argument("--state", type=_positive, default=16, help="state size N per channel")
-    show.add_argument("--channels", type=_positive, default=8, help="channels per operator")
-    show.add_argument("--splits", type=_evenly_spaced_splits, default=None,
-                      help="evenly spaced splits (default all)")
-    show.add_argument("--seed", type=int, default=0)
-    return parser
+def _given_train_options(argv: Sequence[str]) -> set[str]:
+    """The ``train`` options given on the command line ``argv`` (as argparse destinations)."""
+    parser = _Parser(prog="ess-reg train")
+    _add_train_arguments(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(list(argv)[1:])))
+
+
+def _resumed_config(args: argparse.Namespace):
+    """The config in the checkpoint of ``--resume RUN``, with the flags ``_RESUME_FLAGS`` applied."""
+    from ess_reg.training import resume_config
+
+    allowed = {flag[2:].replace("-", "_") for flag in _RESUME_FLAGS}
+    extra = sorted(args.given - allowed - {"resume"})
+    if extra:
+        flags = ", ".join("--" + name.replace("_", "-") for name in extra)
+        raise ValueError(f"--resume takes the run's config from its checkpoint; drop {flags} "
+                         f"(allowed with --resume: {', '.join(_RESUME_FLAGS)})")
+    changes = {name: getattr(args, name) for name in sorted(args.given & allowed - {"no_progress"})}
+    return resume_config(args.resume, **changes)
 
 
 def _train(args: argparse.Namespace) -> None:
     from ess_reg.training import TrainConfig, train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    last = train(config, progress=not args.no_progress)
+    if args.resume is not None:
+        config = _resumed_config(args)
+    else:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    last = train(config, progress=not args.no_progress, overwrite=args.overwrite,
+                 resume=args.resume is not None)
     ess = ", ".join(f"{k} {v:.2f}" for k, v in last["ess"].items())
     print(f"done: step {last['step']}, test accuracy {last['test_accuracy']:.3f}, ESS {ess}")
     print(f"run folder: {Path(config.out).resolve()}")
@@ -216,7 +260,10 @@ def _showcase(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        args.given = _given_train_options(argv)
     try:
         {"train": _train, "analyze": _analyze, "showcase": _showcase}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, OSError) as error:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,7 @@ class TrainConfig:
     tensorboard: bool = False
     init: str = "none"
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int | None = None  # steps between checkpoints; None: at every evaluation
 
     def mixers(self) -> str | list[str]:
         names = [m.strip() for m in self.mixer.split(",") if m.strip()]
@@ -94,75 +97,257 @@ def load_run(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tr
     return model.to(device).eval(), config
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train, log ESS every ``log_every`` steps, write the run folder; returns the last record."""
+#: Fields a resumed run may change: none of them alters the parameters reached at a given step
+#: (``steps`` moves the cosine schedule's horizon, so extending a run changes its later steps).
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "tensorboard", "out")
+
+#: Files a run writes into its folder (removed first when a folder is overwritten).
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "init_report.txt", "training.png",
+             "ess_curves.png")
+
+
+@dataclass
+class _Run:
+    """The mutable state of a training run: what a checkpoint saves and restores."""
+
+    config: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    penalty: Any
+    step: int = 0
+    elapsed: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically; loads with ``weights_only=True``."""
+        return {"model": self.model.state_dict(), "train_config": dataclasses.asdict(self.config),
+                "step": self.step, "elapsed_s": self.elapsed,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+                "penalty": _penalty_state(self.penalty), "rng": _rng_state(self.generator)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint written by :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        _load_penalty_state(self.penalty, state["penalty"])
+        _load_rng_state(self.generator, state["rng"])
+        self.step, self.elapsed = int(state["step"]), float(state["elapsed_s"])
+
+
+def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False,
+          resume: bool = False) -> dict[str, Any]:
+    """Train, log ESS every ``log_every`` steps, write the run folder; returns the last record.
+
+    A non-empty ``config.out`` is refused (``FileExistsError``) unless ``overwrite`` (start again,
+    replacing the run's files) or ``resume`` (continue from its ``checkpoint.pt`` up to
+    ``config.steps``; build the config with :func:`resume_config`)."""
     _validate(config)
+    if overwrite and resume:
+        raise ValueError("overwrite and resume exclude each other: pass one of --overwrite, --resume")
+    out = Path(config.out)
+    if resume:
+        checkpoint: dict[str, Any] | None = _resume_state(out, config)
+    else:
+        checkpoint = None
+        _claim_folder(out, overwrite)
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     train_set = make_task(config, config.train_examples, seed=config.seed)
     test_set = make_task(config, config.test_examples, seed=config.seed + 1_000_003)
     model = make_model(config).to(device)
-    if config.init != "none":
-        from init_schemes import ess_init
-
-        report = ess_init(model, probe=train_set.inputs[:8].to(device), scheme=config.init,
-                          seed=config.seed, verbose=False)
-        (out / "init_report.txt").write_text(str(report) + "\n")
-        if progress:
-            print(report)
+    if checkpoint is None and config.init != "none":
+        _initialize(model, config, train_set.inputs[:8].to(device), out, progress)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config))
-    generator = torch.Generator().manual_seed(config.seed)
-    penalty = make_penalty(model, config)
-    records: list[dict[str, Any]] = []
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
-    writer = _tensorboard_writer(out) if config.tensorboard else None
-    start = time.perf_counter()
-    bar = tqdm(range(1, config.steps + 1), disable=not progress, desc=f"{config.mixer} on {config.task}")
-    last_ess = float("nan")
-    for step in bar:
-        model.train()
-        index = torch.randint(len(train_set), (config.batch_size,), generator=generator)
-        inputs, targets = train_set.inputs[index].to(device), train_set.targets[index].to(device)
-        logits = model(inputs)
-        task_loss = loss_fn(logits, targets)
-        reg_loss = penalty() if penalty is not None else None
-        loss = task_loss if reg_loss is None else task_loss + reg_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % config.log_every == 0 or step == config.steps:
-            record = {"step": step, "loss": task_loss.item(), "lr": schedule.get_last_lr()[0],
-                      **({} if reg_loss is None else {"reg_loss": reg_loss.item()}),
-                      "train_accuracy": float(accuracy(logits.detach(), targets)),
-                      **_evaluate(model, test_set, config, device),
-                      "elapsed_s": round(time.perf_counter() - start, 2)}
-            records.append(record)
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if writer is not None:
-                _write_scalars(writer, record)
-            last_ess = sum(record["ess"].values()) / max(1, len(record["ess"]))
-        bar.set_postfix(loss=f"{task_loss.item():.3f}",
-                        acc=f"{records[-1]['test_accuracy']:.2f}" if records else "-",
-                        ess=f"{last_ess:.2f}")
-    if penalty is not None:
-        penalty.remove()
-    if writer is not None:
-        writer.close()
-    torch.save({"model": model.state_dict(), "train_config": dataclasses.asdict(config)},
-               out / "checkpoint.pt")
+    run = _Run(config, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config)),
+               torch.Generator().manual_seed(config.seed), make_penalty(model, config))
+    if checkpoint is not None:
+        run.load_state_dict(checkpoint)
+    records = _metrics_so_far(out / "metrics.jsonl", run.step)
+    try:
+        _loop(run, train_set, test_set, records, out, progress)
+    finally:
+        if run.penalty is not None:
+            run.penalty.remove()
     plot_training(records, out / "training.png")
     report = layer_report(model, test_set.inputs[: config.ess_examples].to(device), config)
     save_curve_plot(report, out / "ess_curves.png", config.seq_len,
                     f"ESS after training ({config.mixer}, {config.task})")
     return records[-1]
+
+
+def resume_config(run: str | Path, **changes: Any) -> TrainConfig:
+    """The config saved in ``run``'s checkpoint, with ``out = run`` and ``changes`` (only the
+    fields in :data:`RESUMABLE_CHANGES`) applied; pass it to ``train(..., resume=True)``."""
+    fixed = sorted(set(changes) - set(RESUMABLE_CHANGES))
+    if fixed:
+        raise ValueError(f"a resumed run keeps its config; cannot change {', '.join(fixed)} "
+                         f"(only {', '.join(RESUMABLE_CHANGES)})")
+    state = _load_checkpoint(Path(run))
+    return dataclasses.replace(TrainConfig(**state["train_config"]), out=str(run), **changes)
+
+
+def _loop(run: _Run, train_set: SyntheticTask, test_set: SyntheticTask, records: list[dict[str, Any]],
+          out: Path, progress: bool) -> None:
+    """Steps ``run.step + 1 .. config.steps``, logging and checkpointing on their cadences."""
+    config, device = run.config, torch.device(run.config.device)
+    every = config.checkpoint_every or config.log_every
+    writer = _tensorboard_writer(out, run.step + 1) if config.tensorboard else None
+    start = time.perf_counter() - run.elapsed
+    bar = tqdm(range(run.step + 1, config.steps + 1), disable=not progress, initial=run.step,
+               total=config.steps, desc=f"{config.mixer} on {config.task}")
+    last_ess = float("nan")
+    for step in bar:
+        logits, targets, task_loss, reg_loss = _step(run, train_set, device)
+        run.step = step
+        if step % config.log_every == 0 or step == config.steps:
+            record = {"step": step, "loss": task_loss.item(), "lr": run.schedule.get_last_lr()[0],
+                      **({} if reg_loss is None else {"reg_loss": reg_loss.item()}),
+                      "train_accuracy": float(accuracy(logits.detach(), targets)),
+                      **_evaluate(run.model, test_set, config, device),
+                      "elapsed_s": round(time.perf_counter() - start, 2)}
+            records.append(record)
+            with (out / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if writer is not None:
+                _write_scalars(writer, record)
+            last_ess = sum(record["ess"].values()) / max(1, len(record["ess"]))
+        if step % every == 0 or step == config.steps:
+            run.elapsed = time.perf_counter() - start
+            save_checkpoint(run.state_dict(), out / "checkpoint.pt")
+        bar.set_postfix(loss=f"{task_loss.item():.3f}",
+                        acc=f"{records[-1]['test_accuracy']:.2f}" if records else "-",
+                        ess=f"{last_ess:.2f}")
+    if writer is not None:
+        writer.close()
+
+
+def _step(run: _Run, train_set: SyntheticTask, device: torch.device):
+    """One optimizer step on a batch drawn with the run's generator."""
+    run.model.train()
+    index = torch.randint(len(train_set), (run.config.batch_size,), generator=run.generator)
+    inputs, targets = train_set.inputs[index].to(device), train_set.targets[index].to(device)
+    logits = run.model(inputs)
+    task_loss = loss_fn(logits, targets)
+    reg_loss = run.penalty() if run.penalty is not None else None
+    loss = task_loss if reg_loss is None else task_loss + reg_loss
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.optimizer.step()
+    run.schedule.step()
+    return logits, targets, task_loss, reg_loss
+
+
+def _initialize(model: torch.nn.Module, config: TrainConfig, probe: torch.Tensor, out: Path,
+                progress: bool) -> None:
+    """``config.init``'s scheme (a fresh run only), its report saved as ``init_report.txt``."""
+    from init_schemes import ess_init
+
+    report = ess_init(model, probe=probe, scheme=config.init, seed=config.seed, verbose=False)
+    (out / "init_report.txt").write_text(str(report) + "\n")
+    if progress:
+        print(report)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then an atomic ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _claim_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty run folder unless ``overwrite``; then remove the files a run writes."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a run folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"run folder {out} is not empty: pass --overwrite to start it again or "
+                                  f"--resume {out} to continue it")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def _load_checkpoint(run: Path) -> dict[str, Any]:
+    """A resumable checkpoint of the run folder ``run``, on the CPU."""
+    path = run / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume {run}: no checkpoint.pt there; pass a run folder written "
+                                "by 'ess-reg train'")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "optimizer" not in state:
+        raise ValueError(f"cannot resume {run}: its checkpoint.pt holds only the final model (written "
+                         "before runs saved their training state)")
+    return state
+
+
+def _resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
+    """The checkpoint to resume ``config`` from, checked against it."""
+    state = _load_checkpoint(out)
+    saved = TrainConfig(**state["train_config"])
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed:
+        raise ValueError(f"cannot resume {out} with a different config ({', '.join(changed)}); only "
+                         f"{', '.join(RESUMABLE_CHANGES)} may change")
+    if config.steps < state["step"]:
+        raise ValueError(f"cannot resume {out} to step {config.steps}: it is already at step {state['step']}")
+    return state
+
+
+def _metrics_so_far(path: Path, step: int) -> list[dict[str, Any]]:
+    """The records up to ``step`` (a fresh run: none), rewriting ``path`` to hold just those: an
+    interrupted run may have logged steps after its last checkpoint, which the resumed run redoes."""
+    lines = path.read_text().splitlines() if step and path.exists() else []
+    kept = [record for line in lines if line.strip() and (record := json.loads(line))["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    os.replace(tmp, path)
+    return kept
+
+
+def _penalty_state(penalty: Any) -> dict[str, Any] | None:
+    """The regularizer's schedule position and split generator (``None`` without a regularizer)."""
+    if penalty is None:
+        return None
+    state: dict[str, Any] = {}
+    if hasattr(penalty, "step_count"):
+        state["step_count"] = int(penalty.step_count)
+    if isinstance(getattr(penalty, "generator", None), torch.Generator):
+        state["generator"] = penalty.generator.get_state()
+    return state
+
+
+def _load_penalty_state(penalty: Any, state: dict[str, Any] | None) -> None:
+    if penalty is None or state is None:
+        return
+    if "step_count" in state:
+        penalty.step_count = state["step_count"]
+    if "generator" in state:
+        penalty.generator.set_state(state["generator"])
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """The batch generator's and torch's global (CPU and CUDA) RNG states."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return {"data": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _load_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["data"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def make_penalty(model: torch.nn.Module, config: TrainConfig):
@@ -218,12 +403,14 @@ def _evaluate(model, test_set, config, device) -> dict[str, Any]:
             "metric": result}
 
 
-def _tensorboard_writer(out: Path):
+def _tensorboard_writer(out: Path, first_step: int):
+    """A writer that hides events at or after ``first_step`` left by an earlier (overwritten or
+    interrupted) run in the same folder."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=first_step)
 
 
 def _write_scalars(writer, record: dict[str, Any]) -> None:
@@ -251,6 +438,9 @@ def _validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    every = config.checkpoint_every
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ValueError(f"checkpoint_every must be a positive integer or None, got {every!r}")
     if config.reg_kind not in ("entropy", "soft_tolerance", "transition"):
         raise ValueError(f"reg_kind must be entropy, soft_tolerance or transition, got {config.reg_kind!r}")
     if not config.reg_weight >= 0:

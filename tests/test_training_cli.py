@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 
 import pytest
+import torch
 
+from ess_reg import training
 from ess_reg.cli import main
-from ess_reg.training import TrainConfig, load_run, train
+from ess_reg.training import TrainConfig, load_run, resume_config, train
 
 
 def _tiny(tmp_path, **overrides):
@@ -99,3 +103,118 @@ def test_regularizer_flags(tmp_path):
 def test_regularizer_on_every_split(tmp_path):
     config = _tiny(tmp_path, reg_weight=0.1, reg_splits=None, out=str(tmp_path / "all"))
     assert "reg_loss" in train(config, progress=False)
+
+
+_TINY = ["--seq-len", "16", "--kv-pairs", "2", "--vocab-size", "32", "--d-model", "16", "--batch-size", "4",
+         "--log-every", "3", "--train-examples", "32", "--no-progress"]
+
+
+class _CrashError(RuntimeError):
+    """Stands for a killed job."""
+
+
+def _crash_during(monkeypatch, step: int) -> None:
+    """Make the training loop fail in the middle of ``step`` (after its forward)."""
+    calls, real = itertools.count(1), training.loss_fn
+
+    def loss_fn(*args):
+        if next(calls) == step:
+            raise _CrashError(f"killed during step {step}")
+        return real(*args)
+
+    monkeypatch.setattr(training, "loss_fn", loss_fn)
+
+
+def _steps(run) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _records(run) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
+
+
+@pytest.mark.parametrize("reg", [[], ["--reg-weight", "0.1", "--reg-splits", "4"]], ids=["plain", "ess_reg"])
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, reg):
+    args = ["train", *_TINY, *reg, "--steps", "8", "--checkpoint-every", "4"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as patch, pytest.raises(_CrashError):
+        _crash_during(patch, 7)
+        main([*args, "--out", str(cut)])
+    assert torch.load(cut / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert _steps(cut) == [3, 6]  # step 6 was logged after the last checkpoint: it is redone
+    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    full, resumed = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (tmp_path / "full", cut))
+    assert full["step"] == resumed["step"] == 8 and full["model"].keys() == resumed["model"].keys()
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
+    assert _steps(cut) == [3, 6, 8] and _records(cut) == _records(tmp_path / "full")
+
+
+def test_checkpoint_holds_the_training_state(tmp_path):
+    train(_tiny(tmp_path, reg_weight=0.1, checkpoint_every=2), progress=False)
+    run = tmp_path / "run"
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert set(state) == {"model", "train_config", "step", "elapsed_s", "optimizer", "scheduler", "penalty",
+                          "rng"}
+    assert state["step"] == 6 and state["penalty"]["step_count"] == 6
+    assert isinstance(state["penalty"]["generator"], torch.Tensor)
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 6
+    assert {"data", "torch"} <= set(state["rng"]) and TrainConfig(**state["train_config"]) == _tiny(
+        tmp_path, reg_weight=0.1, checkpoint_every=2)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no temporary files
+
+
+def test_resume_extends_and_appends(tmp_path):
+    train(_tiny(tmp_path, steps=3), progress=False)
+    run = tmp_path / "run"
+    config = resume_config(run, steps=6)
+    assert train(config, progress=False, resume=True)["step"] == 6 and _steps(run) == [3, 6]
+    assert json.loads((run / "config.json").read_text())["steps"] == 6
+    with pytest.raises(ValueError, match="already at step 6"):
+        train(resume_config(run, steps=4), progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"different config \(lr\)"):
+        train(dataclasses.replace(config, lr=0.1), progress=False, resume=True)
+    with pytest.raises(ValueError, match="cannot change seed"):
+        resume_config(run, seed=1)
+
+
+def test_existing_out_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 99}\n')
+    (out / "notes.txt").write_text("kept")
+    args = ["train", *_TINY, "--steps", "3", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and "--resume" in err
+    with pytest.raises(FileExistsError, match="not empty"):
+        train(_tiny(tmp_path), progress=False)
+    assert main([*args, "--overwrite"]) == 0
+    assert _steps(out) == [3] and (out / "notes.txt").read_text() == "kept"
+
+
+def test_resume_errors_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--resume", str(empty), "--no-progress"]) == 2
+    assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("no checkpoint.pt") == 2 and "Traceback" not in err
+    torch.save({"model": {}, "train_config": {}}, empty / "checkpoint.pt")
+    assert main(["train", "--resume", str(empty)]) == 2
+    assert "holds only the final model" in capsys.readouterr().err
+    assert main(["train", "--resume", str(empty), "--lr", "0.1", "--seed", "3", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "drop --lr, --overwrite, --seed" in err
+
+
+def test_train_help_lists_the_resume_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0
+    for flag in ("--resume RUN", "--overwrite", "--checkpoint-every N"):
+        assert flag in text
+    for default in ("default: start a new run", "default: refuse", "default: at every evaluation"):
+        assert default in text

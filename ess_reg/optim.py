@@ -137,12 +137,10 @@ class ESSOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"base_optimizer": self.optimizer.state_dict(),
-                "ess": {"step_count": self.regularizer.step_count,
-                        "generator_state": self.regularizer.generator.get_state()}}
+                "ess": self.regularizer.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "base_optimizer" not in state_dict or "ess" not in state_dict:
             raise ValueError("not an ESSOptimizer state dict (expected keys 'base_optimizer' and 'ess')")
         self.optimizer.load_state_dict(state_dict["base_optimizer"])
-        self.regularizer.step_count = int(state_dict["ess"]["step_count"])
-        self.regularizer.generator.set_state(state_dict["ess"]["generator_state"])
+        self.regularizer.load_state_dict(state_dict["ess"])

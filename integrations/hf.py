@@ -20,21 +20,24 @@ from integrations._requires import require
 
 transformers = require("transformers", "hf")
 
-from ess_reg.capture import capture_operators  # noqa: E402
-from ess_reg.metric import ESSMetric  # noqa: E402
 from ess_reg.regularizer import ESSRegularizer  # noqa: E402
+from integrations._ess_logging import measure_ess, penalty_value  # noqa: E402
 
 
 class ESSTrainerCallback(transformers.TrainerCallback):
     """Every ``log_every_n_steps`` steps, compute the ESS of every recognised layer on ``probe``
-    (a ``[B, L]`` tensor of token ids, or a dict of model inputs) and add it to the next logs.
+    (a ``[B, L]`` tensor of token ids, or a dict of model inputs) and log it at that step.
 
-    The values (``ess/{layer}/ess``, ``.../utilization``, ``ess/ess/total``, ...) go wherever the
-    Trainer reports (``state.log_history``, TensorBoard, ...)."""
+    Keys ``ess/<layer>/<stat>`` (``ess``, ``total_ess``, ``utilization``, ``tss``), ``ess/total`` and
+    ``ess/mean_utilization`` go wherever the Trainer reports (``state.log_history``, TensorBoard,
+    W&B, ...). With :class:`ESSTrainerMixin` they are merged into the step's logs before any
+    reporting callback sees them; without it, into the logs and ``state.log_history`` from this
+    callback's ``on_log`` (reporting callbacks listed before it miss them)."""
 
     def __init__(self, probe: Any, log_every_n_steps: int = 50, prefix: str = "ess/", **metric_kwargs: Any):
-        if log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or (
+                log_every_n_steps < 1):
+            raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
         self.probe, self.log_every_n_steps, self.prefix = probe, log_every_n_steps, prefix
         self.metric_kwargs = {"splits": 16, **metric_kwargs}
         self.pending: dict[str, float] = {}
@@ -43,36 +46,34 @@ class ESSTrainerCallback(transformers.TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.log_every_n_steps:
             return
-        metric = ESSMetric(**self.metric_kwargs)
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
         probe = ({k: v.to(device) for k, v in self.probe.items()} if isinstance(self.probe, dict)
                  else self.probe.to(device))
-        try:
-            with torch.no_grad():
-                operators = (capture_operators(model, **probe) if isinstance(probe, dict)
-                             else capture_operators(model, probe))
-        finally:
-            model.train(was_training)
-        metric.update(operators)
-        self.pending = {f"{self.prefix}{k}": float(v) for k, v in metric.compute().items() if v.dim() == 0}
+        self.pending = measure_ess(model, probe, self.prefix, self.metric_kwargs)
         self.last = dict(self.pending)
         control.should_log = True
 
+    def take_pending(self) -> dict[str, float]:
+        """The values waiting for the next log (then forgotten)."""
+        pending, self.pending = self.pending, {}
+        return pending
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.pending:
-            logs.update(self.pending)
+            pending = self.take_pending()
+            logs.update(pending)
             if state.log_history:
-                state.log_history[-1].update(self.pending)
-            self.pending = {}
+                state.log_history[-1].update(pending)
 
 
 class ESSTrainerMixin:
-    """Mix into ``transformers.Trainer``: ``compute_loss`` adds an :class:`ESSRegularizer`'s penalty.
+    """Mix into ``transformers.Trainer``: ``compute_loss`` adds an :class:`ESSRegularizer`'s penalty,
+    and every log carries ``ess/penalty`` (mean penalty since the previous log).
 
     Pass ``ess_regularizer=`` (a dict of :class:`ESSRegularizer` keyword arguments, or an instance)
-    to the trainer's constructor.
+    to the trainer's constructor. ``ess_penalties`` lists every training step's penalty. An attached
+    regularizer (``reg.attach()``, e.g. inside an ``ESSOptimizer`` passed as ``optimizers=``) applies
+    its gradient in the backward pass and is not added to the loss; its ``last_penalty`` is logged.
     """
 
     def __init__(self, *args: Any, ess_regularizer: dict[str, Any] | ESSRegularizer | None = None,
@@ -81,15 +82,37 @@ class ESSTrainerMixin:
         if isinstance(ess_regularizer, dict):
             ess_regularizer = ESSRegularizer(self.model, **ess_regularizer)
         self.ess_regularizer = ess_regularizer
-        self.ess_penalties: list[float] = []
+        self._ess_penalties: list[torch.Tensor] = []  # detached: read on the host only when logged
+        self._ess_since_log = 0
+
+    @property
+    def ess_penalties(self) -> list[float]:
+        return [float(p) for p in self._ess_penalties]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
-        if self.ess_regularizer is None or not model.training:
+        reg = self.ess_regularizer
+        if reg is None or not model.training or reg.attached:
             return result
         loss, outputs = result if return_outputs else (result, None)
-        penalty = self.ess_regularizer()
-        self.ess_penalties.append(penalty.item())
+        penalty = reg()
+        self._ess_penalties.append(penalty.detach())
+        self._ess_since_log += 1
         loss = loss + penalty.to(loss.device, loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds ``ess/penalty`` and the ESS values of any :class:`ESSTrainerCallback` to ``logs``."""
+        reg = self.ess_regularizer
+        if reg is not None and "loss" in logs:  # a training log, not evaluation or the summary
+            recent = self._ess_penalties[len(self._ess_penalties) - self._ess_since_log:]
+            if recent:
+                logs["ess/penalty"] = float(torch.stack([p.to(recent[0].device) for p in recent]).mean())
+            elif reg.attached and penalty_value(reg) is not None:
+                logs["ess/penalty"] = penalty_value(reg)
+            self._ess_since_log = 0
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ESSTrainerCallback):
+                logs.update(callback.take_pending())
+        super().log(logs, *args, **kwargs)

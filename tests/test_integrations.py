@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ess_reg import ESSOptimizer
+from ess_reg import ESSOptimizer, ESSRegularizer
 from ess_reg.models import SequenceModel
 from ess_reg.tasks import MQAR, loss_fn
 from integrations._requires import require
@@ -23,38 +23,101 @@ def test_missing_package_message():
         require("surely_not_a_package_xyz", "extra")
 
 
-def test_lightning_callback_logs_and_owns_the_regularizer(tmp_path):
+class _LitGLA:
+    """A small Lightning module factory (Lightning is imported lazily)."""
+
+    @staticmethod
+    def make(with_callback_reg: bool):
+        import lightning as L
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.model = SequenceModel("gla", d_model=16, n_layers=1, vocab_size=32)
+
+            def forward(self, x):
+                return self.model(x)
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                loss = loss_fn(self(x), y)
+                return loss + self.ess_reg() if with_callback_reg else loss
+
+            def configure_optimizers(self):
+                opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+                if with_callback_reg:
+                    return opt
+                return ESSOptimizer(opt, ESSRegularizer(self.model, weight=0.1, splits=3))
+
+        return Module()
+
+
+def _lit_data(examples: int = 64):
+    task = MQAR(examples, 16, 2, 32, seed=0)
+    return DataLoader(TensorDataset(task.inputs, task.targets), batch_size=8)
+
+
+def _csv_rows(folder) -> list[dict[str, str]]:
+    import csv
+    import glob
+
+    (path,) = glob.glob(str(folder / "**" / "metrics.csv"), recursive=True)
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("owner", ["callback", "optimizer"])
+def test_lightning_callback_logs_fresh_values_at_its_own_cadence(tmp_path, owner):
+    """Trainer's default log_every_n_steps=50 does not hide the callback's values (every 2 steps)."""
     import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
 
     from integrations.lightning import ESSCallback
 
-    task = MQAR(32, 16, 2, 32, seed=0)
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = SequenceModel("gla", d_model=16, n_layers=1, vocab_size=32)
-
-        def forward(self, x):
-            return self.model(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return loss_fn(self(x), y) + self.ess_reg()
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    callback = ESSCallback(log_every_n_steps=2, regularizer={"weight": 0.1, "splits": 3})
-    trainer = L.Trainer(max_steps=4, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                        default_root_dir=str(tmp_path))
-    module = Module()
-    trainer.fit(module, DataLoader(TensorDataset(task.inputs, task.targets), batch_size=8))
-    assert "ess/model.blocks.0.mixer/ess" in callback.last
-    assert "ess/model.blocks.0.mixer/ess" in trainer.callback_metrics
+    reg = {"weight": 0.1, "splits": 3} if owner == "callback" else None
+    callback = ESSCallback(log_every_n_steps=2, regularizer=reg)
+    trainer = L.Trainer(max_steps=6, callbacks=[callback], logger=CSVLogger(str(tmp_path)),
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    module = _LitGLA.make(owner == "callback")
+    trainer.fit(module, _lit_data())
+    key = "ess/model.blocks.0.mixer/ess"
+    rows = [r for r in _csv_rows(tmp_path) if r.get(key)]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert len({r[key] for r in rows}) == 3  # fresh values, not a stale one repeated
+    assert all(r["ess/penalty"] and float(r["ess/penalty"]) > 0 for r in rows)
+    assert "ess/total" in rows[0] and not any(k.startswith("ess/ess/") for k in rows[0])
+    assert key in callback.last and key in trainer.callback_metrics
     assert not hasattr(module, "ess_reg") and callback.regularizer is None  # torn down
-    assert not any(m._forward_hooks for m in module.modules())
+    assert not any(m._forward_hooks for m in module.model.modules()) or owner == "optimizer"
+
+
+@pytest.mark.parametrize("owner", ["callback", "optimizer"])
+def test_lightning_resume_from_ckpt_path_is_bit_identical(tmp_path, owner):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from integrations.lightning import ESSCallback
+
+    def fit(max_steps, ckpt_path=None, save=False):
+        reg = {"weight": 0.1, "splits": 3} if owner == "callback" else None
+        callbacks = [ESSCallback(log_every_n_steps=100, regularizer=reg)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=str(tmp_path), save_last=True))  # at epoch ends
+        trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False,
+                            enable_checkpointing=save, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+        module = _LitGLA.make(owner == "callback")
+        torch.manual_seed(1)
+        trainer.fit(module, _lit_data(8), ckpt_path=ckpt_path)  # one step per epoch: resumable data
+        return module
+
+    straight = fit(6)
+    fit(3, save=True)
+    resumed = fit(6, ckpt_path=str(tmp_path / "last.ckpt"))
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_lightning_with_ess_optimizer(tmp_path):
@@ -112,8 +175,12 @@ def test_hf_trainer_with_mixin_and_callback(tmp_path):
                          ess_regularizer={"weight": 0.1, "splits": 4}, callbacks=[callback])
     trainer.train()
     assert len(trainer.ess_penalties) == 4 and all(p > 0 for p in trainer.ess_penalties)
-    logged = [entry for entry in trainer.state.log_history if "ess/backbone.layers.0.mixer/ess" in entry]
-    assert logged and "ess/ess/total" in logged[0]
+    history = trainer.state.log_history
+    logged = [entry for entry in history if "ess/backbone.layers.0.mixer/ess" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]  # the callback's cadence
+    assert "ess/total" in logged[0] and not any(k.startswith("ess/ess/") for k in logged[0])
+    penalties = [entry["ess/penalty"] for entry in history if "loss" in entry]
+    assert penalties == pytest.approx(trainer.ess_penalties)  # every training log, logging_steps=1
 
 
 def test_timm_optimizer_and_named_apply_init():

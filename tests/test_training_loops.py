@@ -292,3 +292,71 @@ def test_torch_compile_compiles_once_and_matches_eager(backend):
     _, eager = _compiled_run(None, 20)
     for name, value in eager.items():
         torch.testing.assert_close(compiled[name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_last_penalty_agrees_across_modes_and_state_dict_round_trips():
+    values = {}
+    for mode in ("loss_term", "attached"):
+        model, ids = _model(), _ids()
+        reg = ESSRegularizer(model, weight=0.5, splits=4)
+        assert reg.last_penalty is None
+        if mode == "attached":
+            reg.attach()
+            _loss(model, ids).backward()
+            reg.advance()
+        else:
+            _loss(model, ids)
+            returned = reg()
+            assert torch.equal(reg.last_penalty, returned.detach())
+        values[mode] = float(reg.last_penalty)
+        assert reg.last_penalty.grad_fn is None
+    assert values["attached"] == pytest.approx(values["loss_term"], rel=1e-12)
+    reg = ESSRegularizer(_model(), splits=3)
+    for _ in range(3):
+        reg._splits_for(20)
+        reg.advance()
+    state = reg.state_dict()
+    twin = ESSRegularizer(_model(), splits=3)
+    twin.load_state_dict(state)
+    assert twin.step_count == 3 and torch.equal(twin._splits_for(20), reg._splits_for(20))
+    with pytest.raises(ValueError, match="ESSRegularizer.state_dict"):
+        twin.load_state_dict({"step": 1})
+
+
+@pytest.mark.parametrize("mode", ["loss_term", "attached"])
+def test_plain_loop_save_and_resume_is_bit_identical(tmp_path, mode):
+    """Model, optimizer (with the ESS schedule inside ESSOptimizer) and RNG saved at step 3 of 6."""
+
+    def build():
+        model = _model()
+        reg = ESSRegularizer(model, weight=0.5, splits=3, every_n_steps=2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, reg, (ESSOptimizer(opt, reg) if mode == "attached" else opt)
+
+    def step(model, reg, opt, i):
+        opt.zero_grad()
+        loss = _loss(model, _ids(seed=10 + i))
+        (loss if mode == "attached" else loss + reg()).backward()
+        opt.step()
+
+    model, reg, opt = build()
+    for i in range(6):
+        step(model, reg, opt, i)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    model, reg, opt = build()
+    for i in range(3):
+        step(model, reg, opt, i)
+    checkpoint = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                  "regularizer": reg.state_dict()}
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    del model, reg, opt
+    model, reg, opt = build()
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    reg.load_state_dict(loaded["regularizer"])
+    for i in range(3, 6):
+        step(model, reg, opt, i)
+    for p, q in zip(model.parameters(), straight, strict=True):
+        assert torch.equal(p, q)

@@ -88,6 +88,8 @@ class ESSRegularizer:
         self._split_step = -1
         self._pending: dict[str, list[Operator]] = {}  # loss-term mode: operators awaiting reg()
         self._calls: dict[str, int] = {}  # calls of each layer in the model's current forward
+        self._step_terms: list[torch.Tensor] = []  # attached mode: terms built in this step's backward
+        self._last_penalty: torch.Tensor | None = None
         self._handles: list = []
         self._hook()
 
@@ -113,7 +115,33 @@ class ESSRegularizer:
 
     def advance(self) -> None:
         """Move the schedule to the next step (``reg()`` and ``ESSOptimizer.step`` call this)."""
+        if self._attached:
+            terms, self._step_terms = self._step_terms, []
+            self._last_penalty = (torch.stack([t.to(terms[0].device) for t in terms]).sum() if terms
+                                  else torch.zeros((), device=self._device()))
         self.step_count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's position and the split sampler's RNG (tensors and ints: loads with
+        ``torch.load(..., weights_only=True)``); restore with :meth:`load_state_dict`."""
+        return {"step_count": self.step_count, "generator_state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the schedule and the split sampling where :meth:`state_dict` left them."""
+        if not isinstance(state, dict) or not {"step_count", "generator_state"} <= set(state):
+            raise ValueError("state must be a dict from ESSRegularizer.state_dict() (keys step_count, "
+                             f"generator_state), got {type(state).__name__}")
+        self.step_count = int(state["step_count"])
+        self.generator.set_state(state["generator_state"])
+        self._split_step = -1
+
+    @property
+    def last_penalty(self) -> torch.Tensor | None:
+        """The penalty of the last completed step: a detached scalar on the model's device (zero on
+        steps the schedule skips), None before the first. In attached mode, the sum of the terms
+        built in that step's backward passes. Reading it as a float synchronises with the device,
+        so loggers read it at their own cadence."""
+        return self._last_penalty
 
     def _capture_now(self) -> bool:
         return self.weight != 0 and torch.is_grad_enabled() and self.is_active()
@@ -128,7 +156,8 @@ class ESSRegularizer:
             )
         try:
             if self.weight == 0 or not self.is_active():
-                return torch.zeros((), device=self._device())
+                self._last_penalty = torch.zeros((), device=self._device())
+                return self._last_penalty
             if not self._handles:
                 raise RuntimeError(
                     "this ESSRegularizer's hooks were removed (remove() or the end of its with-block), "
@@ -146,7 +175,9 @@ class ESSRegularizer:
                      for name, ops in pending.items() for op in ops]
             for name, ops in pending.items():
                 self.operators[name] = _detached(ops[-1])
-            return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+            penalty = torch.stack([t.to(terms[0].device) for t in terms]).sum()
+            self._last_penalty = penalty.detach()
+            return penalty
         finally:
             self.advance()
 
@@ -208,7 +239,9 @@ class ESSRegularizer:
         def penalty(leaves: list[torch.Tensor]) -> torch.Tensor:
             # read at backward time, when the forward has counted every layer and call: a layer
             # called twice counts half per call, so attached and loss-term modes agree
-            return self._layer_term(name, op.rebuild(leaves), 1.0 / (len(calls) * calls[name]))
+            term = self._layer_term(name, op.rebuild(leaves), 1.0 / (len(calls) * calls[name]))
+            self._step_terms.append(term.detach())
+            return term
 
         return _InjectPenalty.apply(penalty, self, output, *tensors)
 
@@ -268,7 +301,8 @@ class ESSRegularizer:
         """Pickles with its model and hooks (the hooks are picklable objects), not the kept
         operators or a grad scaler."""
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("operators", "generator", "_grad_scaler", "_split_cache", "_pending", "_calls")}
+                 if k not in ("operators", "generator", "_grad_scaler", "_split_cache", "_pending", "_calls",
+                              "_step_terms", "_last_penalty")}
         state["generator_state"] = self.generator.get_state()
         return state
 
@@ -278,7 +312,7 @@ class ESSRegularizer:
         self.generator = torch.Generator()
         self.generator.set_state(generator_state)
         self.operators, self._grad_scaler, self._split_cache = {}, None, {}
-        self._pending, self._calls = {}, {}
+        self._pending, self._calls, self._step_terms, self._last_penalty = {}, {}, [], None
 
     def __repr__(self) -> str:
         mode = "attached" if self._attached else "loss-term"

@@ -13,7 +13,7 @@ from ess_reg.functional import (
     total_ess,
     utilization,
 )
-from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
+from ess_reg.operators import DenseOperator, DiagonalRealization, NotCausalError, Operator
 from ess_reg.optim import ESSOptimizer
 from ess_reg.regularizer import ESSRegularizer, TransitionPenalty
 
@@ -34,6 +34,7 @@ __all__ = [
     "ESSMetric",
     "ESSOptimizer",
     "ESSRegularizer",
+    "NotCausalError",
     "Operator",
     "TransitionPenalty",
     "average_ess",

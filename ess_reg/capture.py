@@ -6,6 +6,7 @@ forward pass with hooks on every recognised module and returns their operators b
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,16 +17,22 @@ from torch.utils.hooks import RemovableHandle
 
 from ess_reg._class_lookup import lookup_by_class
 from ess_reg.mixers import SequenceMixer
-from ess_reg.operators import Operator
+from ess_reg.operators import NotCausalError, Operator
 
 #: ``fn(module, args, kwargs, output) -> Operator`` called after the module's forward.
 Extractor = Callable[[nn.Module, tuple, dict, Any], Operator]
+
+
+#: ``bidirectional(module) -> reason or None``: whether a module is known, before any call, to compute
+#: a non-causal operator (e.g. the attention of a vision transformer).
+Bidirectional = Callable[[nn.Module], str | None]
 
 
 @dataclass(frozen=True)
 class _Entry:
     extract: Extractor
     prepare: Callable[[nn.Module], None] | None
+    bidirectional: Bidirectional | None = None
 
 
 _REGISTRY: dict[type, _Entry] = {}
@@ -36,20 +43,26 @@ def register_extractor(
     fn: Extractor,
     *,
     prepare: Callable[[nn.Module], None] | None = None,
+    bidirectional: Bidirectional | None = None,
 ) -> None:
     """Teach the registry to turn ``module_type``'s forward into an operator.
 
     Args:
         module_type: the module class (subclasses match too; the most specific entry wins).
-        fn: ``fn(module, args, kwargs, output) -> Operator``, called in a forward hook.
+        fn: ``fn(module, args, kwargs, output) -> Operator``, called in a forward hook. For a call
+            that computes a non-causal operator it raises :class:`ess_reg.NotCausalError`: the
+            layer is then left out (with a warning naming it), never measured.
         prepare: optional ``prepare(module)`` called in a pre-forward hook (e.g. to ask the module
             to keep intermediate tensors).
+        bidirectional: optional ``bidirectional(module) -> reason or None``: modules known to be
+            non-causal before any call; regularizers and ``ess_init`` leave them out at
+            construction, with one warning.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
     if not callable(fn):
         raise TypeError("fn must be callable as fn(module, args, kwargs, output) -> Operator")
-    _REGISTRY[module_type] = _Entry(fn, prepare)
+    _REGISTRY[module_type] = _Entry(fn, prepare, bidirectional)
 
 
 def find_extractor(module: nn.Module) -> Extractor | None:
@@ -64,10 +77,13 @@ def supported_types() -> list[str]:
     return sorted(f"{t.__module__}.{t.__qualname__}" for t in _REGISTRY)
 
 
-def recognised_modules(model: nn.Module, *, required: bool = False) -> dict[str, nn.Module]:
+def recognised_modules(model: nn.Module, *, required: bool = False,
+                       causal_only: bool = False) -> dict[str, nn.Module]:
     """Modules of ``model`` the registry recognises, by name (``""`` for the model itself).
 
-    With ``required=True`` a model without any raises the one "no recognised module" error.
+    With ``required=True`` a model without any raises the one "no recognised module" error. With
+    ``causal_only=True`` modules known to be bidirectional are left out with one warning naming
+    them (and, if ``required``, a model with nothing causal left is an error).
     """
     _load_integrations()
     found = {name: m for name, m in model.named_modules() if _entry_for(m) is not None}
@@ -76,7 +92,29 @@ def recognised_modules(model: nn.Module, *, required: bool = False) -> dict[str,
             f"{type(model).__name__} contains no module ess-reg recognises; supported types: "
             f"{', '.join(supported_types())}. Teach it others with ess_reg.register_extractor()"
         )
-    return found
+    if not causal_only:
+        return found
+    reasons = {name: _bidirectional_reason(m) for name, m in found.items()}
+    left_out = {name: why for name, why in reasons.items() if why is not None}
+    causal = {name: m for name, m in found.items() if name not in left_out}
+    if left_out and required and not causal:
+        raise ValueError(
+            f"every recognised module of {type(model).__name__} is bidirectional, and ESS needs a "
+            f"causal operator: {_describe(left_out)}")
+    if left_out:
+        warnings.warn(f"ess-reg leaves out {len(left_out)} bidirectional layer(s) (ESS needs a causal "
+                      f"operator): {_describe(left_out)}", stacklevel=3)
+    return causal
+
+
+def _bidirectional_reason(module: nn.Module) -> str | None:
+    entry = _entry_for(module)
+    return None if entry is None or entry.bidirectional is None else entry.bidirectional(module)
+
+
+def _describe(reasons: dict[str, str]) -> str:
+    names = ", ".join(repr(n) for n in list(reasons)[:4]) + (", ..." if len(reasons) > 4 else "")
+    return f"{names} ({next(iter(reasons.values()))})"
 
 
 def capture_operators(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Operator]:
@@ -90,12 +128,17 @@ def capture_operators(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, 
     """
     targets = recognised_modules(model, required=True)
     operators: dict[str, Operator] = {}
-    handles = hook_operators(targets, lambda name, module, op, output: operators.__setitem__(name, op))
+    left_out: dict[str, str] = {}
+    handles = hook_operators(targets, lambda name, module, op, output: operators.__setitem__(name, op),
+                             on_not_causal=lambda name, error: left_out.__setitem__(name, str(error)))
     try:
         model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
+    if left_out and not operators:
+        raise ValueError(f"every recognised layer of {type(model).__name__} computed a non-causal "
+                         f"operator in this call, and ESS needs a causal one: {_describe(left_out)}")
     return operators
 
 
@@ -113,6 +156,7 @@ def hook_operators(
     active: Callable[[], bool] = _always,
     replay: OperatorCallback | None = None,
     reentrant_error: str | None = None,
+    on_not_causal: Callable[[str, NotCausalError], None] | None = None,
 ) -> list[RemovableHandle]:
     """Persistent hooks: after each forward of a module, ``callback(name, module, operator, output)``.
 
@@ -125,6 +169,10 @@ def hook_operators(
     tensors) and goes to ``replay`` (default: ignored) instead of ``callback``. A recomputation of
     a forward that ran without gradients is reentrant checkpointing (``use_reentrant=True``), whose
     forward the hooks could not capture: with ``reentrant_error`` set it raises that message.
+
+    A call whose extractor raises :class:`NotCausalError` (a bidirectional call) builds no
+    operator: the layer is left out of that forward with a warning naming it, and
+    ``on_not_causal(name, error)`` is told.
     """
     handles: list[RemovableHandle] = []
     for name, module in modules.items():
@@ -136,8 +184,8 @@ def hook_operators(
             )
         pre = _ArmHook(name, entry, active, reentrant_error)
         handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(_ExtractHook(name, entry, pre, callback, replay),
-                                                    with_kwargs=True))
+        extract = _ExtractHook(name, entry, pre, callback, replay, on_not_causal)
+        handles.append(module.register_forward_hook(extract, with_kwargs=True))
     return handles
 
 
@@ -184,8 +232,10 @@ class _ExtractHook:
     """Forward hook: extracts the operator and hands it to the callback (picklable)."""
 
     def __init__(self, name: str, entry: _Entry, arm: _ArmHook, callback: OperatorCallback,
-                 replay: OperatorCallback | None = None) -> None:
+                 replay: OperatorCallback | None = None,
+                 on_not_causal: Callable[[str, NotCausalError], None] | None = None) -> None:
         self.name, self.entry, self.arm, self.callback, self.replay = name, entry, arm, callback, replay
+        self.on_not_causal = on_not_causal
 
     def __deepcopy__(self, memo: dict) -> _ExtractHook:
         arm = memo.get(id(self.arm)) or self.arm.__deepcopy__(memo)
@@ -195,7 +245,14 @@ class _ExtractHook:
         if not self.arm.armed:
             return None
         self.arm.armed = False
-        operator = self.entry.extract(module, args, kwargs, output)
+        try:
+            operator = self.entry.extract(module, args, kwargs, output)
+        except NotCausalError as error:
+            warnings.warn(f"ess-reg leaves out layer {self.name!r} ({type(module).__name__}) in this "
+                          f"forward: {error}", stacklevel=2)
+            if self.on_not_causal is not None:
+                self.on_not_causal(self.name, error)
+            return None
         if self.arm.replaying:
             return None if self.replay is None else self.replay(self.name, module, operator, output)
         return self.callback(self.name, module, operator, output)

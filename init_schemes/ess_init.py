@@ -88,7 +88,7 @@ def ess_init(
         raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
     if scheme != "auto" and scheme not in SCHEMES:
         raise ValueError(f"scheme must be 'auto' or one of {sorted(SCHEMES)}, got {scheme!r}")
-    mixers = recognised_modules(model, required=True)
+    mixers = recognised_modules(model, required=True, causal_only=True)
     register_available_schemes()
     probe = _default_probe(model, seed) if probe is None else probe
     generator = torch.Generator().manual_seed(seed)

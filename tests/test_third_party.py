@@ -83,10 +83,60 @@ def test_timm_attention_when_causal():
     qkv = attn.qkv(x).reshape(2, 12, 3, 4, 8).permute(2, 0, 3, 1, 4)
     mixed = (op.dense() @ qkv[2]).transpose(1, 2).reshape(2, 12, 32)
     torch.testing.assert_close(attn.proj(mixed), model(x), rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="bidirectional"):
+    with pytest.raises(ValueError, match="non-causal.*'' .*is_causal=True"):
+        capture_operators(attn, x)  # a bidirectional call is never measured
+    attn.ess_causal = True  # a declaration for construction time; the call itself still decides
+    with pytest.warns(UserWarning, match="leaves out layer ''"), \
+            pytest.raises(ValueError, match="non-causal"):
         capture_operators(attn, x)
-    attn.ess_causal = True
-    assert capture_operators(attn, x)[""].shape == (2, 4)
+
+
+def _tiny_vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16,
+                             num_classes=4, depth=2)
+
+
+def test_timm_vit_is_bidirectional_and_refused_at_construction():
+    from ess_reg import ESSRegularizer
+    from init_schemes import ess_init
+
+    model = _tiny_vit()
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="every recognised module of VisionTransformer is bidirectional"):
+        ESSRegularizer(model)
+    with pytest.raises(ValueError, match="bidirectional"):
+        ess_init(model, probe=images, verbose=False)
+    with pytest.warns(UserWarning, match=r"leaves out layer 'blocks\.0\.attn'"), \
+            pytest.raises(ValueError, match="non-causal"):
+        capture_operators(model, images)
+    model(images)  # no hook is left behind to break a plain forward
+
+
+def test_bidirectional_layers_are_left_out_with_one_warning():
+    from timm.layers import Attention
+
+    from ess_reg import ESSRegularizer
+    from ess_reg.mixers import GatedLinearAttention
+
+    class Hybrid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = Attention(16, num_heads=2)
+            self.text = GatedLinearAttention(16, num_heads=2)
+
+        def forward(self, x):
+            return self.text(x) + self.vision(x)
+
+    torch.manual_seed(0)
+    model = Hybrid()
+    with pytest.warns(UserWarning, match=r"leaves out 1 bidirectional layer\(s\).*'vision'"):
+        reg = ESSRegularizer(model, splits=3)
+    assert list(reg.modules) == ["text"]
+    model(torch.randn(2, 8, 16)).sum().backward()
+    assert torch.isfinite(reg())
 
 
 def _hf_mamba():

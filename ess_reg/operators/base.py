@@ -8,6 +8,13 @@ from typing import Any
 import torch
 
 
+class NotCausalError(ValueError):
+    """A layer computes a non-causal (bidirectional) operator, which has no effective state size.
+
+    Extractors raise it for such a call; the capture hooks then leave the layer out with a warning
+    naming it instead of measuring an operator the layer does not compute."""
+
+
 class Operator(ABC):
     """A causal linear operator per channel (or head), ``y[..., c, :] = T[..., c] @ u[..., c, :]``.
 

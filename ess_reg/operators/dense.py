@@ -12,7 +12,7 @@ from ess_reg.operators._checks import (
     require_seq_len,
     require_tensor,
 )
-from ess_reg.operators.base import Operator
+from ess_reg.operators.base import NotCausalError, Operator
 
 #: Upper-triangular entries up to this fraction of ``max |T|`` are treated as rounding noise.
 CAUSAL_RTOL = 1e-6
@@ -98,7 +98,7 @@ def _require_causal(matrix: torch.Tensor) -> None:
     if bool(worst > CAUSAL_RTOL * scale):
         flat = int(upper.reshape(-1).argmax())
         index = tuple(int(k) for k in torch.unravel_index(torch.tensor(flat), upper.shape))
-        raise ValueError(
+        raise NotCausalError(
             f"matrix is not causal: its largest entry above the diagonal is {float(worst):.3g} at "
             f"index {index} (row i < column j means output i depends on a later input j); "
             "mask the future before building the operator, e.g. matrix.tril()"

@@ -13,7 +13,7 @@ ModuleSelector = Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Mod
 
 def select_modules(model: nn.Module, modules: ModuleSelector) -> dict[str, nn.Module]:
     """The recognised mixers of ``model`` picked by ``modules`` (names, types or a predicate)."""
-    recognised = recognised_modules(model, required=True)
+    recognised = recognised_modules(model, required=True, causal_only=True)
     if modules is None:
         return recognised
     named = dict(model.named_modules())

@@ -12,7 +12,7 @@ import sys
 
 from torch import nn
 
-from integrations.third_party.timm_attention import timm_attention_operator
+from integrations.third_party.timm_attention import timm_attention_bidirectional, timm_attention_operator
 from integrations.third_party.torch_attention import multihead_attention_operator
 
 _DONE: set[str] = set()
@@ -31,7 +31,7 @@ def register_available(*, only_imported: bool = True) -> list[str]:
     if "timm" not in _DONE and (not only_imported or "timm" in sys.modules):
         from timm.layers import Attention
 
-        register_extractor(Attention, timm_attention_operator)
+        register_extractor(Attention, timm_attention_operator, bidirectional=timm_attention_bidirectional)
         _DONE.add("timm")
         added.append("timm.layers.Attention")
     if "transformers" not in _DONE and (not only_imported or "transformers" in sys.modules):

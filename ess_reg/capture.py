@@ -215,6 +215,7 @@ class _ArmHook:
     def __deepcopy__(self, memo: dict) -> _ArmHook:
         return _ArmHook(self.name, self.entry, _never)
 
+    @torch.compiler.disable  # decided in Python: no guard on a step counter, no recompile per step
     def __call__(self, module: nn.Module, args: tuple) -> None:
         self.replaying = recomputing()
         if self.replaying:
@@ -241,6 +242,7 @@ class _ExtractHook:
         arm = memo.get(id(self.arm)) or self.arm.__deepcopy__(memo)
         return _ExtractHook(self.name, self.entry, arm, _ignore)
 
+    @torch.compiler.disable  # the consumer's bookkeeping stays out of compiled graphs
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.arm.armed:
             return None

@@ -265,19 +265,37 @@ def test_pickled_optimizer_keeps_its_grad_scaler():
     assert restored.regularizer._grad_scale() == scaler.get_scale()
 
 
-def _compiled_run(backend: str | None, steps: int) -> tuple[list[int], dict[str, torch.Tensor]]:
-    """``steps`` attached-mode steps (active and skipped ones); graphs compiled after each step."""
+def _hf_mamba(seed: int = 0) -> nn.Module:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(seed)
+    config = MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=1, vocab_size=VOCAB, expand=2)
+    return MambaForCausalLM(config).double()
+
+
+def _logits_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out).square().mean()
+
+
+def _compiled_run(backend: str | None, steps: int, mode: str = "attached",
+                  kind: str = "gla") -> tuple[list[int], dict[str, torch.Tensor]]:
+    """``steps`` regularized steps (active and skipped ones); graphs compiled after each step."""
     import torch._dynamo.utils as dynamo_utils
 
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
-    model, ids = _model(), _ids()
+    model = _model() if kind == "gla" else _hf_mamba()
+    ids = _ids(length=24 if kind == "gla" else 8)
     reg = ESSRegularizer(model, weight=0.5, splits=4, every_n_steps=2)
-    opt = ESSOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), reg)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    if mode == "attached":
+        opt = ESSOptimizer(opt, reg)
     run = model if backend is None else torch.compile(model, backend=backend)
     graphs = []
     for _ in range(steps):
-        _loss(run, ids).backward()
+        loss = _logits_loss(run, ids)
+        (loss if mode == "attached" else loss + reg()).backward()
         opt.step()
         opt.zero_grad()
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
@@ -285,11 +303,14 @@ def _compiled_run(backend: str | None, steps: int) -> tuple[list[int], dict[str,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_torch_compile_compiles_once_and_matches_eager(backend):
-    graphs, compiled = _compiled_run(backend, 20)
+@pytest.mark.parametrize(("backend", "mode", "kind"), [
+    ("eager", "attached", "gla"), ("aot_eager", "attached", "gla"), ("eager", "loss_term", "gla"),
+    ("aot_eager", "loss_term", "gla"), ("eager", "attached", "hf_mamba"), ("eager", "loss_term", "hf_mamba")])
+def test_torch_compile_compiles_once_and_matches_eager(backend, mode, kind):
+    steps = 20 if kind == "gla" else 8
+    graphs, compiled = _compiled_run(backend, steps, mode, kind)
     assert graphs[-1] == graphs[3], graphs  # active and skipped steps compiled in the first steps
-    _, eager = _compiled_run(None, 20)
+    _, eager = _compiled_run(None, steps, mode, kind)
     for name, value in eager.items():
         torch.testing.assert_close(compiled[name], value, rtol=1e-9, atol=1e-12)
 

@@ -326,6 +326,7 @@ class _StartForward:
     def __init__(self, regularizer: ESSRegularizer) -> None:
         self.regularizer = regularizer
 
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not recomputing():  # a checkpointed model recomputed in backward is not a new forward
             self.regularizer._calls = {}

@@ -45,20 +45,21 @@ def _graph_tensors(module: nn.Module) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("kind", ["gla", "hf_mamba"])
 @pytest.mark.parametrize("mode", ["loss_term", "attached"])
-def test_copies_of_the_model_during_training(mode):
+def test_copies_of_the_model_during_training(mode, kind):
     """deepcopy at any time, timm's ModelEmaV3 and torch's AveragedModel updated every step."""
     from timm.utils import ModelEmaV3
     from torch.optim.swa_utils import AveragedModel
 
-    model, ids = _model(), _ids()
+    model, ids = (_model(), _ids()) if kind == "gla" else (_hf_mamba(), _ids(length=8))
     reg = ESSRegularizer(model, weight=0.1, splits=4)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     if mode == "attached":
         opt = ESSOptimizer(opt, reg)
     ema, swa = ModelEmaV3(model, decay=0.9), AveragedModel(model)
     for _ in range(3):
-        loss = _loss(model, ids)
+        loss = _logits_loss(model, ids)
         assert not _graph_tensors(model)  # nothing the forward leaves on a module holds a graph
         copy.deepcopy(model)  # between forward and backward
         if mode == "loss_term":

@@ -124,7 +124,9 @@ class HeadRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # at least float32 inside: in float16 the rsqrt's backward overflows on small inputs
+        w = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        return (w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

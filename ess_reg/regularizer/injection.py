@@ -19,14 +19,13 @@ class _InjectPenalty(torch.autograd.Function):
     def backward(ctx, grad_output):
         tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[3:]
+        scale = ctx.regularizer._grad_scale()
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = iter(torch.autograd.grad(ctx.penalty(leaves), wanted, allow_unused=True)
+            # scaled like the loss before it reaches low-precision leaves, so small gradients
+            # survive float16 as a loss-term penalty's would
+            grads = iter(torch.autograd.grad(ctx.penalty(leaves) * scale, wanted, allow_unused=True)
                          if wanted else ())
-        scale = ctx.regularizer._grad_scale()
-        out = []
-        for leaf in leaves:
-            grad = next(grads) if leaf.requires_grad else None
-            out.append(None if grad is None else grad * scale)
+        out = [next(grads) if leaf.requires_grad else None for leaf in leaves]
         return (None, None, grad_output, *out)

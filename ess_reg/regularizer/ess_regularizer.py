@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,9 +13,22 @@ from ess_reg.capture import hook_operators, recomputing
 from ess_reg.functional import entropy_ess, split_capacity, split_spectrum
 from ess_reg.operators import Operator
 from ess_reg.regularizer.injection import _InjectPenalty
+from ess_reg.regularizer.options import (
+    PerLayer,
+    Schedule,
+    SplitFn,
+    Target,
+    batch_mean,
+    batch_splits,
+    check_factor,
+    check_target,
+    check_weight,
+    per_layer,
+    schedule_factor,
+    target_term,
+)
 from ess_reg.regularizer.selection import ModuleSelector, select_modules
 
-Target = Literal["max", "min"] | float
 _KINDS = ("entropy", "soft_tolerance")
 
 
@@ -23,15 +36,18 @@ class ESSRegularizer:
     """A differentiable effective-state-size penalty for the recognised mixers of ``model``.
 
     Hooks every recognised mixer (or those selected by ``modules``); each forward keeps the mixer's
-    operator, attached to the autograd graph. ``reg()`` then returns ``weight * mean over layers of
-    f(v_l)``, where ``v_l`` is layer ``l``'s ESS averaged over sampled splits, channels and batch:
+    operator, attached to the autograd graph. ``reg()`` then returns ``factor(step) * mean over layers
+    of w_l f_l(v_l)``, where ``v_l`` is layer ``l``'s ESS averaged over the step's splits, channels
+    and batch:
 
     - ``normalize=True`` (default): ``v_l`` is the utilization, ESS / TSS (for an operator without a
       finite state, ESS_i / ``min(i, L - i)``), in ``[0, 1]``, so ``weight`` means the same for every
       layer;
     - ``target="max"``: ``f(v) = 1 - v`` (``-v`` unnormalized) rewards ESS and fights state collapse;
       ``"min"``: ``f(v) = v`` pushes towards a smaller effective state (easier distillation); a float
-      ``t``: ``f(v) = (v - t)^2``.
+      ``t``: ``f(v) = (v - t)^2``; ``("at_least", u)``: ``f(v) = relu(u - v)``, a floor that costs
+      nothing once the layer holds ``u`` (a utilization, or an absolute ESS with ``normalize=False``,
+      e.g. the number of items a task must hold).
 
     ``kind="entropy"`` uses entropy-ESS; ``"soft_tolerance"`` a smooth count of singular values
     above ``tol * sigma_max``, ``sum_k sigmoid((log(sigma_k / sigma_max) - log tol) / temperature)``
@@ -39,9 +55,19 @@ class ESSRegularizer:
 
     Args:
         model: the model whose mixers are regularized.
-        weight: the penalty's weight.
-        splits: an int ``k`` (``k`` random splits, drawn afresh every step), fixed split indices, or
-            ``None`` (all ``L - 1`` splits).
+        weight: the penalty's weight ``w``: one number, a dict by module name (layers missing from it
+            are not regularized) or ``f(name) -> weight``.
+        target: as above; also one for all, a dict by module name or ``f(name) -> target``.
+        splits: where to measure: an int ``k`` (``k`` random splits, drawn afresh every step), fixed
+            split indices, ``None`` (all ``L - 1`` splits), or ``f(inputs) -> [B, S]`` index tensor
+            (or ``[S]``), called with the model's first positional input (``input_ids`` if passed by
+            keyword) at each forward, so the penalty sits where the task needs memory (e.g.
+            :meth:`ess_reg.tasks.MQAR.boundary_splits`). ``reg(splits=...)`` overrides it for the
+            last forward.
+        schedule: the weight's factor per step: ``"constant"``, ``"linear_decay"`` or
+            ``"cosine_decay"`` (from 1 at step 0 to 0 at ``total_steps``), or ``f(step) -> factor``.
+            Steps with a zero factor build no operator.
+        total_steps: the decay's length.
         every_n_steps, warmup_steps: schedule; on skipped steps ``reg()`` returns a zero tensor and
             no operator is built. One call of ``reg()`` (or one ``ESSOptimizer.step``) is one step.
         dtype: compute dtype of the singular values (float64 default).
@@ -57,12 +83,14 @@ class ESSRegularizer:
         self,
         model: nn.Module,
         *,
-        weight: float = 1e-2,
+        weight: float | PerLayer = 1e-2,
         kind: str = "entropy",
-        target: Target = "max",
+        target: Target | PerLayer = "max",
         normalize: bool = True,
         modules: ModuleSelector = None,
-        splits: int | Sequence[int] | torch.Tensor | None = 8,
+        splits: int | Sequence[int] | torch.Tensor | SplitFn | None = 8,
+        schedule: Schedule = "constant",
+        total_steps: int | None = None,
         every_n_steps: int = 1,
         warmup_steps: int = 0,
         dtype: torch.dtype = torch.float64,
@@ -70,15 +98,27 @@ class ESSRegularizer:
         tol: float = 1e-3,
         temperature: float = 0.5,
     ) -> None:
-        _check_config(weight, kind, target, splits, every_n_steps, warmup_steps, dtype, tol, temperature)
+        _check_config(kind, splits, every_n_steps, warmup_steps, dtype, tol, temperature)
         self.model = model
-        self.weight, self.kind, self.target, self.normalize = float(weight), kind, target, normalize
-        self.splits = splits if splits is None or isinstance(splits, int) else torch.as_tensor(
-            splits, dtype=torch.long)
+        self.weight, self.kind, self.target, self.normalize = weight, kind, target, normalize
+        self.splits = splits if splits is None or isinstance(splits, int) or callable(splits) else (
+            torch.as_tensor(splits, dtype=torch.long))
+        self.schedule, self.total_steps = schedule, total_steps
+        self._factor = schedule_factor(schedule, total_steps)
         self.every_n_steps, self.warmup_steps = every_n_steps, warmup_steps
         self.dtype, self.tol, self.temperature = dtype, tol, temperature
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.modules = select_modules(model, modules)
+        chosen = select_modules(model, modules)
+        weights = per_layer(weight, list(chosen), "weight", check_weight, default=0.0)
+        targets = per_layer(target, list(chosen), "target", check_target, default="max")
+        if isinstance(weight, int | float):  # one weight: every chosen layer, even at 0
+            self.modules = chosen
+        else:
+            self.modules = {n: m for n, m in chosen.items() if weights[n] != 0}
+            if not self.modules:
+                raise ValueError(f"weight gives every layer a zero weight; the mixers are {list(chosen)}")
+        self.layer_weights = {n: float(weights[n]) for n in self.modules}
+        self.layer_targets = {n: targets[n] for n in self.modules}
         self.step_count = 0
         self.operators: dict[str, Operator] = {}
         self.values: dict[str, torch.Tensor] = {}
@@ -86,7 +126,8 @@ class ESSRegularizer:
         self._grad_scaler: Any = None
         self._split_cache: dict[int, torch.Tensor] = {}
         self._split_step = -1
-        self._pending: dict[str, list[Operator]] = {}  # loss-term mode: operators awaiting reg()
+        self._pending: dict[str, list[tuple[Operator, Any]]] = {}  # loss-term: (operator, splits)
+        self._forward_splits: Any = None  # this forward's splits from a callable ``splits``
         self._calls: dict[str, int] = {}  # calls of each layer in the model's current forward
         self._step_terms: list[torch.Tensor] = []  # attached mode: terms built in this step's backward
         self._last_penalty: torch.Tensor | None = None
@@ -96,22 +137,29 @@ class ESSRegularizer:
     def _hook(self) -> None:
         self._handles = hook_operators(self.modules, self._on_forward, active=self._capture_now,
                                        replay=self._on_recompute, reentrant_error=_REENTRANT)
-        self._handles.append(self.model.register_forward_pre_hook(_StartForward(self)))
+        self._handles.append(self.model.register_forward_pre_hook(_StartForward(self), with_kwargs=True))
 
     # -- schedule ------------------------------------------------------------------------------
     @property
     def config(self) -> dict[str, Any]:
         """Picklable hyper-parameters (everything but the model)."""
-        splits = self.splits if self.splits is None or isinstance(self.splits, int) else self.splits.tolist()
+        splits = self.splits.tolist() if isinstance(self.splits, torch.Tensor) else self.splits
         return {"weight": self.weight, "kind": self.kind, "target": self.target,
                 "normalize": self.normalize, "modules": list(self.modules), "splits": splits,
+                "schedule": self.schedule, "total_steps": self.total_steps,
                 "every_n_steps": self.every_n_steps, "warmup_steps": self.warmup_steps,
                 "dtype": str(self.dtype), "tol": self.tol, "temperature": self.temperature}
+
+    def factor(self, step: int | None = None) -> float:
+        """The schedule's factor of the weight at ``step`` (default: the current step)."""
+        step = self.step_count if step is None else step
+        return check_factor(self._factor(step), step)
 
     def is_active(self, step: int | None = None) -> bool:
         """Whether the penalty is computed at ``step`` (default: the current step)."""
         step = self.step_count if step is None else step
-        return step >= self.warmup_steps and (step - self.warmup_steps) % self.every_n_steps == 0
+        return (step >= self.warmup_steps and (step - self.warmup_steps) % self.every_n_steps == 0
+                and self.factor(step) > 0)
 
     def advance(self) -> None:
         """Move the schedule to the next step (``reg()`` and ``ESSOptimizer.step`` call this)."""
@@ -144,18 +192,23 @@ class ESSRegularizer:
         return self._last_penalty
 
     def _capture_now(self) -> bool:
-        return self.weight != 0 and torch.is_grad_enabled() and self.is_active()
+        return self._any_weight() and torch.is_grad_enabled() and self.is_active()
+
+    def _any_weight(self) -> bool:
+        return any(w != 0 for w in self.layer_weights.values())
 
     # -- penalty --------------------------------------------------------------------------------
-    def __call__(self) -> torch.Tensor:
-        """The penalty for the last forward (a scalar on the model's device); advances the schedule."""
+    def __call__(self, splits: Any = None) -> torch.Tensor:
+        """The penalty for the last forward (a scalar on the model's device); advances the schedule.
+
+        ``splits``: a ``[B, S]`` (or ``[S]``) index tensor: measure the last forward there instead."""
         if self._attached:
             raise RuntimeError(
                 "this ESSRegularizer is attached: its gradient is applied inside loss.backward(); "
                 "do not also add reg() to the loss (call detach() to use it as a loss term)"
             )
         try:
-            if self.weight == 0 or not self.is_active():
+            if not self._any_weight() or not self.is_active():
                 self._last_penalty = torch.zeros((), device=self._device())
                 return self._last_penalty
             if not self._handles:
@@ -171,36 +224,38 @@ class ESSRegularizer:
                     "nothing; use use_reentrant=False)")
             pending, self._pending = self._pending, {}
             layers = len(pending)
-            terms = [self._layer_term(name, op, 1.0 / (layers * len(ops)))
-                     for name, ops in pending.items() for op in ops]
+            terms = [self._layer_term(name, op, 1.0 / (layers * len(ops)),
+                                      at if splits is None else splits)
+                     for name, ops in pending.items() for op, at in ops]
             for name, ops in pending.items():
-                self.operators[name] = _detached(ops[-1])
+                self.operators[name] = _detached(ops[-1][0])
             penalty = torch.stack([t.to(terms[0].device) for t in terms]).sum()
             self._last_penalty = penalty.detach()
             return penalty
         finally:
             self.advance()
 
-    def _layer_term(self, name: str, op: Operator, share: float) -> torch.Tensor:
-        value = self.utilization(op)
+    def _layer_term(self, name: str, op: Operator, share: float, splits: Any = None) -> torch.Tensor:
+        value = self.utilization(op, splits)
         self.values[name] = value.detach()
-        if self.target == "max":
-            term = (1 - value) if self.normalize else -value
-        elif self.target == "min":
-            term = value
-        else:
-            term = (value - float(self.target)) ** 2
-        return self.weight * share * term
+        term = target_term(self.layer_targets[name], value, self.normalize)
+        return self.layer_weights[name] * self.factor() * share * term
 
-    def utilization(self, op: Operator) -> torch.Tensor:
+    def utilization(self, op: Operator, splits: Any = None) -> torch.Tensor:
         """``v``: ESS (or ESS / TSS when normalizing) averaged over this step's splits, channels
-        and batch; differentiable."""
-        index = self._splits_for(op.seq_len)
+        and batch; differentiable. ``splits``: per-example ``[B, S]`` (or ``[S]``) indices instead."""
+        if splits is None:
+            index, per_example = self._splits_for(op.seq_len), None
+        else:
+            per_example = batch_splits(splits, op.seq_len)
+            index = torch.unique(per_example.cpu())  # sorted union of the batch's splits
         sigma = split_spectrum(op, splits=index, dtype=self.dtype).values
         ess = entropy_ess(sigma) if self.kind == "entropy" else self._soft_count(sigma)
         if self.normalize:
             ess = ess / split_capacity(op, index).to(ess.device, ess.dtype)
-        return ess.mean()
+        if per_example is None:
+            return ess.mean()
+        return batch_mean(ess, per_example, index, batched=len(op.shape) > 1)
 
     def _soft_count(self, sigma: torch.Tensor) -> torch.Tensor:
         top = sigma[..., :1]
@@ -211,7 +266,7 @@ class ESSRegularizer:
         return torch.where(present, soft, 0).sum(-1)
 
     def _splits_for(self, seq_len: int) -> torch.Tensor:
-        if self.splits is None:
+        if self.splits is None or callable(self.splits):  # a callable without a forward: all splits
             return torch.arange(1, seq_len)
         if not isinstance(self.splits, int):
             if int(self.splits.max()) > seq_len - 1:
@@ -229,9 +284,10 @@ class ESSRegularizer:
     def _on_forward(self, name: str, module: nn.Module, op: Operator, output: Any) -> Any:
         calls = self._calls
         calls[name] = calls.get(name, 0) + 1
+        at = self._forward_splits
         if not self._attached or not isinstance(output, torch.Tensor):
             self.operators[name] = op
-            self._pending.setdefault(name, []).append(op)
+            self._pending.setdefault(name, []).append((op, at))
             return None
         self.operators[name] = _detached(op)  # the injection node holds the graph until backward
         tensors = op.tensors()
@@ -239,7 +295,7 @@ class ESSRegularizer:
         def penalty(leaves: list[torch.Tensor]) -> torch.Tensor:
             # read at backward time, when the forward has counted every layer and call: a layer
             # called twice counts half per call, so attached and loss-term modes agree
-            term = self._layer_term(name, op.rebuild(leaves), 1.0 / (len(calls) * calls[name]))
+            term = self._layer_term(name, op.rebuild(leaves), 1.0 / (len(calls) * calls[name]), at)
             self._step_terms.append(term.detach())
             return term
 
@@ -327,9 +383,14 @@ class _StartForward:
         self.regularizer = regularizer
 
     @torch.compiler.disable
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if not recomputing():  # a checkpointed model recomputed in backward is not a new forward
-            self.regularizer._calls = {}
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if recomputing():  # a checkpointed model recomputed in backward is not a new forward
+            return
+        reg = self.regularizer
+        reg._calls = {}
+        if callable(reg.splits) and reg._capture_now():
+            first = args[0] if args else kwargs.get("input_ids", next(iter(kwargs.values()), None))
+            reg._forward_splits = reg.splits(first)
 
     def __deepcopy__(self, memo: dict) -> _InertHook:
         return _InertHook()
@@ -362,20 +423,21 @@ def _detached(op: Operator) -> Operator:
         return op
 
 
-def _check_config(weight, kind, target, splits, every_n_steps, warmup_steps, dtype, tol, temperature):
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
-        raise ValueError(f"weight must be a finite number, got {weight!r}")
+def _check_config(kind, splits, every_n_steps, warmup_steps, dtype, tol, temperature):
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-    if not (target in ("max", "min") or (isinstance(target, int | float) and not isinstance(target, bool)
-                                          and math.isfinite(target))):
-        raise ValueError(f"target must be 'max', 'min' or a finite number, got {target!r}")
+    if callable(splits) and not isinstance(splits, torch.Tensor):
+        return _check_rest(every_n_steps, warmup_steps, dtype, tol, temperature)
     if isinstance(splits, bool) or (isinstance(splits, int) and splits < 1):
         raise ValueError(f"splits must be None (all), a positive int or split indices, got {splits!r}")
     if splits is not None and not isinstance(splits, int):
         index = torch.as_tensor(splits)
         if index.dim() != 1 or index.numel() == 0 or index.is_floating_point() or int(index.min()) < 1:
             raise ValueError(f"fixed splits must be a non-empty 1-D list of indices >= 1, got {splits!r}")
+    _check_rest(every_n_steps, warmup_steps, dtype, tol, temperature)
+
+
+def _check_rest(every_n_steps, warmup_steps, dtype, tol, temperature):
     for name, value, low in (("every_n_steps", every_n_steps, 1), ("warmup_steps", warmup_steps, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

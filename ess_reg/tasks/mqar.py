@@ -47,9 +47,17 @@ class MQAR(SyntheticTask):
                 f"num_kv_pairs ({num_kv_pairs}) must be <= vocab_size // 2 - 1 distinct keys")
         require(power_a > 0, f"power_a must be > 0, got {power_a}")
         self.num_kv_pairs, self.vocab_size, self.num_passes = num_kv_pairs, vocab_size, num_passes
+        self.context_length = context
         inputs, targets = _generate(num_examples, seq_len, num_kv_pairs, vocab_size, power_a,
                                     random_non_queries, num_passes, seed)
         super().__init__(inputs, targets)
+
+    def boundary_splits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The split between the key-value context and the queries, ``i = 2 K passes``, for every
+        example of a batch: ``[B, 1]`` (a ``splits=`` callable for ``ESSRegularizer``: ``H_i`` maps
+        what the context wrote to what the queries read, the memory the task needs)."""
+        batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() > 1 else 1
+        return torch.full((batch, 1), self.context_length, dtype=torch.long)
 
 
 def _generate(n, seq_len, k, vocab, power_a, random_non_queries, passes, seed):

@@ -36,6 +36,19 @@ def _splits(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text!r}") from None
 
 
+def _reg_splits(text: str) -> int | str | None:
+    """Like ``_splits``, or ``boundary`` (MQAR's context/query split)."""
+    if text.strip().lower() == "boundary":
+        return "boundary"
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer, 'all' or 'boundary', got {text!r}") from None
+
+
 def _evenly_spaced_splits(text: str) -> int:
     """A positive number of evenly spaced splits; ``all`` asks for more than any sequence has."""
     count = _splits(text)
@@ -128,12 +141,19 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--reg-weight", type=float, default=defaults.reg_weight,
                        help="weight of the regularizer (0: none)")
     train.add_argument("--reg-target", default=defaults.reg_target,
-                       help="max (reward ESS), min (penalise it) or a target utilization")
+                       help="max (reward ESS), min (penalise it), a target utilization, or at_least:U "
+                            "(penalise only a utilization below U)")
     train.add_argument("--reg-kind", default=defaults.reg_kind,
                        choices=["entropy", "soft_tolerance", "transition"],
                        help="ESS regularizer kind, or the paper's ||A - I||_F transition penalty")
-    train.add_argument("--reg-splits", type=_splits, default=defaults.reg_splits,
-                       help="random splits per step for the ESS regularizer ('all': every split)")
+    train.add_argument("--reg-splits", type=_reg_splits, default=defaults.reg_splits,
+                       help="random splits per step for the ESS regularizer ('all': every split; "
+                            "'boundary': MQAR's context/query split)")
+    train.add_argument("--reg-schedule", default=defaults.reg_schedule,
+                       choices=["constant", "linear_decay", "cosine_decay"],
+                       help="the ESS weight over the run: constant, or decaying to 0 at --steps")
+    train.add_argument("--reg-transition-weight", type=float, default=defaults.reg_transition_weight,
+                       help="add the paper's ||A - I||_F penalty with this weight (with any --reg-kind)")
     train.add_argument("--checkpoint-every", type=_positive, default=defaults.checkpoint_every,
                        metavar="N", help="save RUN/checkpoint.pt every N steps and at the end "
                                          "(default: at every evaluation, i.e. every --log-every steps)")

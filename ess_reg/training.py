@@ -52,7 +52,9 @@ class TrainConfig:
     reg_weight: float = 0.0
     reg_target: str = "max"
     reg_kind: str = "entropy"
-    reg_splits: int | None = 8
+    reg_splits: int | str | None = 8  # a count, None (all) or "boundary" (MQAR's context/query split)
+    reg_schedule: str = "constant"  # or linear_decay / cosine_decay over the run's steps
+    reg_transition_weight: float = 0.0  # adds the paper's ||A - I||_F penalty to an ESS regularizer
     tensorboard: bool = False
     init: str = "none"
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -351,26 +353,77 @@ def _load_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
 
 
 def make_penalty(model: torch.nn.Module, config: TrainConfig):
-    """The configured regularizer (``None`` when ``reg_weight`` is 0), used as a loss term."""
+    """The configured regularizer (``None`` without one), used as a loss term: an
+    :class:`ESSRegularizer`, the :class:`TransitionPenalty`, or both summed."""
     from ess_reg.regularizer import ESSRegularizer, TransitionPenalty
 
-    if config.reg_weight == 0:
-        return None
+    transition = config.reg_transition_weight
     if config.reg_kind == "transition":
-        return TransitionPenalty(model, config.reg_weight)
-    return ESSRegularizer(model, weight=config.reg_weight, kind=config.reg_kind,
-                          target=parse_target(config.reg_target), splits=config.reg_splits,
-                          generator=torch.Generator().manual_seed(config.seed))
+        transition, weight = transition + config.reg_weight, 0.0
+    else:
+        weight = config.reg_weight
+    ess = None if weight == 0 else ESSRegularizer(
+        model, weight=weight, kind=config.reg_kind, target=parse_target(config.reg_target),
+        splits=_reg_splits(config), schedule=config.reg_schedule,
+        total_steps=config.steps if config.reg_schedule != "constant" else None,
+        generator=torch.Generator().manual_seed(config.seed))
+    baseline = None if transition == 0 else TransitionPenalty(model, transition)
+    if ess is None or baseline is None:
+        return ess if baseline is None else baseline
+    return CombinedPenalty(ess, baseline)
 
 
-def parse_target(text: str | float) -> str | float:
-    """``"max"``, ``"min"`` or a number."""
+class CombinedPenalty:
+    """An ESS regularizer and the transition penalty, summed (one loss term; the ESS regularizer's
+    schedule state is the one checkpoints save)."""
+
+    def __init__(self, ess, transition) -> None:
+        self.ess, self.transition = ess, transition
+
+    def __call__(self) -> torch.Tensor:
+        return self.ess() + self.transition().to(self.ess._device())
+
+    @property
+    def step_count(self) -> int:
+        return self.ess.step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.ess.step_count = value
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.ess.generator
+
+    def remove(self) -> None:
+        self.ess.remove()
+        self.transition.remove()
+
+
+def _reg_splits(config: TrainConfig):
+    if config.reg_splits != "boundary":
+        return config.reg_splits
+    from ess_reg.tasks import BoundarySplits
+
+    return BoundarySplits(2 * config.kv_pairs)
+
+
+def parse_target(text: str | float) -> str | float | tuple[str, float]:
+    """``"max"``, ``"min"``, a number, or ``"at_least:U"`` (a floor ``U`` on each layer's utilization)."""
     if isinstance(text, int | float) or text in ("max", "min"):
         return text
+    if isinstance(text, str) and text.startswith("at_least:"):
+        try:
+            floor = float(text.split(":", 1)[1])
+        except ValueError:
+            floor = float("nan")
+        if floor >= 0:
+            return ("at_least", floor)
+        raise ValueError(f"reg_target at_least:U needs a number U >= 0, got {text!r}")
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"reg_target must be 'max', 'min' or a number, got {text!r}") from None
+        raise ValueError(f"reg_target must be 'max', 'min', a number or 'at_least:U', got {text!r}") from None
 
 
 def save_curve_plot(report, path: Path, seq_len: int, title: str) -> Path:
@@ -445,6 +498,13 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError(f"reg_kind must be entropy, soft_tolerance or transition, got {config.reg_kind!r}")
     if not config.reg_weight >= 0:
         raise ValueError(f"reg_weight must be >= 0, got {config.reg_weight}")
+    if not config.reg_transition_weight >= 0:
+        raise ValueError(f"reg_transition_weight must be >= 0, got {config.reg_transition_weight}")
+    if config.reg_schedule not in ("constant", "linear_decay", "cosine_decay"):
+        raise ValueError("reg_schedule must be constant, linear_decay or cosine_decay, got "
+                         f"{config.reg_schedule!r}")
+    if config.reg_splits == "boundary" and config.task != "mqar":
+        raise ValueError(f"reg_splits 'boundary' is MQAR's context/query split; task is {config.task!r}")
     parse_target(config.reg_target)
     from init_schemes import SCHEMES
 

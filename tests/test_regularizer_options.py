@@ -186,3 +186,16 @@ def test_options_work_through_ess_optimizer():
         opt.step()
         opt.zero_grad()
     assert reg.step_count == 5 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ess_regularizer_and_transition_penalty_on_the_same_layers():
+    """Two hooks asking one mixer for its operator and its transition: each gets what it asked."""
+    from ess_reg import TransitionPenalty
+
+    model, ids = _model(), _ids()
+    ess, transition = ESSRegularizer(model, splits=3), TransitionPenalty(model, 0.1)
+    _loss(model, ids)
+    assert float(transition()) > 0 and float(ess()) > 0
+    second = ESSRegularizer(model, splits=3)  # hooked after the transition penalty
+    _loss(model, ids)
+    assert float(second()) > 0 and float(transition()) > 0 and float(ess()) > 0

@@ -105,6 +105,28 @@ def test_regularizer_on_every_split(tmp_path):
     assert "reg_loss" in train(config, progress=False)
 
 
+def test_regularizer_options_from_the_command_line(tmp_path):
+    """Floor target, boundary splits, decaying schedule and the transition penalty together."""
+    out = tmp_path / "combo"
+    argv = ["train", *_TINY, "--steps", "4", "--out", str(out), "--reg-weight", "0.5",
+            "--reg-kind", "soft_tolerance", "--reg-target", "at_least:0.6", "--reg-splits", "boundary",
+            "--reg-schedule", "cosine_decay", "--reg-transition-weight", "0.1"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["reg_target"], config["reg_splits"], config["reg_schedule"]) == (
+        "at_least:0.6", "boundary", "cosine_decay")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reg_loss"] > 0 for r in records)  # the transition term is always positive
+    for bad in (["--reg-target", "at_least:x"], ["--reg-schedule", "step"], ["--reg-splits", "edge"],
+                ["--task", "selective_copying", "--reg-splits", "boundary"]):
+        try:
+            code = main(["train", *_TINY, "--steps", "2", "--out", str(tmp_path / "bad"),
+                         "--reg-weight", "1", *bad])
+        except SystemExit as exit_:
+            code = exit_.code
+        assert code == 2, bad
+
+
 _TINY = ["--seq-len", "16", "--kv-pairs", "2", "--vocab-size", "32", "--d-model", "16", "--batch-size", "4",
          "--log-every", "3", "--train-examples", "32", "--no-progress"]
 

@@ -111,9 +111,11 @@ class SequenceMixer(nn.Module, ABC):
         its transition in :attr:`captured_transition`). Each call counts one reader: the capture
         hooks take the operator off the module once every reader has it (:meth:`take_operator`), so
         nothing on the module holds an autograd graph after the forward's hooks have run."""
-        self._capture_operator = operator
+        # several hooks may ask before one forward (an ESS regularizer and a transition penalty):
+        # a request adds to the others, never cancels them
+        self._capture_operator = self._capture_operator or operator
         self._capture_requests += 1 if operator else 0
-        self._capture_transition = transition and self.has_transition
+        self._capture_transition = self._capture_transition or (transition and self.has_transition)
         self.captured_operator = None
         self.captured_transition = None
 

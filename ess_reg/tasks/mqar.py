@@ -56,8 +56,24 @@ class MQAR(SyntheticTask):
         """The split between the key-value context and the queries, ``i = 2 K passes``, for every
         example of a batch: ``[B, 1]`` (a ``splits=`` callable for ``ESSRegularizer``: ``H_i`` maps
         what the context wrote to what the queries read, the memory the task needs)."""
+        return BoundarySplits(self.context_length)(input_ids)
+
+
+class BoundarySplits:
+    """``f(input_ids) -> [B, 1]``: the fixed context/query boundary of MQAR-like batches (picklable)."""
+
+    def __init__(self, boundary: int) -> None:
+        if isinstance(boundary, bool) or not isinstance(boundary, int) or boundary < 1:
+            raise ValueError(f"boundary must be an int >= 1, got {boundary!r}")
+        self.boundary = boundary
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() > 1 else 1
-        return torch.full((batch, 1), self.context_length, dtype=torch.long)
+        device = input_ids.device if isinstance(input_ids, torch.Tensor) else None
+        return torch.full((batch, 1), self.boundary, dtype=torch.long, device=device)
+
+    def __repr__(self) -> str:
+        return f"BoundarySplits({self.boundary})"
 
 
 def _generate(n, seq_len, k, vocab, power_a, random_non_queries, passes, seed):

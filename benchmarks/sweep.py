@@ -1,0 +1,245 @@
+"""One resumable runner for every training sweep: a grid file in, one JSON line per finished run out.
+
+    python benchmarks/sweep.py run benchmarks/grids/regularizer_select.toml   # both cores, resumable
+    python benchmarks/sweep.py status benchmarks/grids/regularizer_select.toml
+    python benchmarks/sweep.py report benchmarks/grids/regularizer_select.toml --reference none
+
+A grid (TOML) names ``settings`` and ``cells`` (each a table of ``ess_reg.training.TrainConfig``
+overrides, applied over ``[base]``: setting first, then cell) and the ``seeds``; every
+(setting, cell, seed) is one run of ``ess_reg.training.train``, in its own process with one thread,
+``workers`` (default 2) at a time. Each finished run appends one line to the grid's ``results``
+file (JSONL, written by this process only); a restart skips the runs already there, and a run that
+was interrupted continues from its own ``checkpoint.pt``. A cell may list ``settings = [...]`` to
+run only there.
+
+``report`` prints, per setting and cell, mean ± sd of the final test accuracy and of the mean
+utilization over layers, the per-seed values, and the paired difference (same seed) against the
+``--reference`` cells. Seeds used to choose hyper-parameters belong in one grid, the seeds that are
+reported in another, so a reported number never comes from a selection seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    setting: str
+    cell: str
+    seed: int
+    config: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.setting}/{self.cell}/seed{self.seed}"
+
+
+@dataclasses.dataclass
+class Grid:
+    name: str
+    results: Path
+    runs_dir: Path
+    runs: list[Run]
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """Finished runs by key, from the results file."""
+        if not self.results.exists():
+            return {}
+        out = {}
+        for line in self.results.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                out[record["key"]] = record
+        return out
+
+
+def load_grid(path: str | Path, seeds: Iterable[int] | None = None) -> Grid:
+    """Read a grid file; ``seeds`` replaces the file's seeds."""
+    from ess_reg.training import TrainConfig
+
+    path = Path(path)
+    spec = tomllib.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = spec.get("base", {})
+    settings = spec.get("settings") or {"default": {}}
+    cells = spec.get("cells") or {"default": {}}
+    seeds = list(spec.get("seeds", [0]) if seeds is None else seeds)
+    runs = []
+    for setting, setting_overrides in settings.items():
+        for cell, cell_overrides in cells.items():
+            cell_overrides = dict(cell_overrides)
+            only = cell_overrides.pop("settings", None)
+            if only is not None and setting not in only:
+                continue
+            config = {**base, **setting_overrides, **cell_overrides}
+            unknown = sorted(set(config) - fields)
+            if unknown:
+                raise ValueError(f"{path}: setting {setting!r}, cell {cell!r}: unknown TrainConfig "
+                                 f"fields {unknown}")
+            runs += [Run(setting, cell, seed, {**config, "seed": seed}) for seed in seeds]
+    name = spec.get("name", path.stem)
+    results = _resolve(spec.get("results", f"benchmarks/sweeps/{name}.jsonl"))  # tracked
+    runs_dir = _resolve(spec.get("runs_dir", f"runs/sweeps/{name}"))  # ignored by git
+    return Grid(name, results, runs_dir, runs)
+
+
+def _resolve(text: str) -> Path:
+    path = Path(text)
+    return path if path.is_absolute() else REPO / path
+
+
+def run_grid(grid: Grid, workers: int = 2, *, echo: bool = True) -> list[dict[str, Any]]:
+    """Run every run of ``grid`` not yet in its results file; returns the new records."""
+    done = grid.done()
+    todo = [run for run in grid.runs if run.key not in done]
+    if echo:
+        print(f"{grid.name}: {len(grid.runs)} runs, {len(done)} done, {len(todo)} to run "
+              f"({workers} at a time)", flush=True)
+    grid.results.parent.mkdir(parents=True, exist_ok=True)
+    new: list[dict[str, Any]] = []
+    context = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1,
+                             initializer=_one_thread) as pool:
+        pending: dict[Future, Run] = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < workers:
+                run = queue.pop(0)
+                pending[pool.submit(train_one, run, str(grid.runs_dir / run.key))] = run
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = pending.pop(future)
+                record = future.result()  # a failed run stops the sweep: its error is the message
+                with grid.results.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                new.append(record)
+                if echo:
+                    print(f"  {run.key}: accuracy {record['test_accuracy']:.3f}, utilization "
+                          f"{record['utilization']:.3f}, {record['seconds']:.0f} s", flush=True)
+    return new
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def train_one(run: Run, folder: str) -> dict[str, Any]:
+    """Train one run (continuing its checkpoint if one exists) and summarise it."""
+    import torch
+
+    from ess_reg.training import TrainConfig, resume_config, train
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    checkpoint = Path(folder) / "checkpoint.pt"
+    if checkpoint.exists():
+        config = resume_config(folder)
+        resumed = True
+    else:
+        config = TrainConfig(**{**run.config, "out": folder})
+        resumed = False
+    last = train(config, progress=False, overwrite=not resumed, resume=resumed)
+    metric = last.get("metric", {})
+    utilization = {k[: -len("/utilization")]: v for k, v in metric.items() if k.endswith("/utilization")}
+    return {"key": run.key, "setting": run.setting, "cell": run.cell, "seed": run.seed,
+            "config": run.config, "test_accuracy": last["test_accuracy"],
+            "train_accuracy": last.get("train_accuracy"),
+            "utilization": sum(utilization.values()) / max(1, len(utilization)),
+            "layer_utilization": utilization, "ess": last.get("ess", {}),
+            "reg_loss": last.get("reg_loss"), "loss": last.get("loss"),
+            "seconds": time.perf_counter() - start, "resumed": resumed,
+            "train_seconds": last.get("elapsed_s")}
+
+
+# -- report -------------------------------------------------------------------------------------
+def summarize(records: list[dict[str, Any]], references: list[str]) -> str:
+    """A markdown table per setting: mean ± sd, per-seed values, paired differences."""
+    lines = []
+    settings = sorted({r["setting"] for r in records})
+    for setting in settings:
+        rows = [r for r in records if r["setting"] == setting]
+        cells = list(dict.fromkeys(r["cell"] for r in rows))
+        by = {(r["cell"], r["seed"]): r for r in rows}
+        lines += [f"### {setting}", ""]
+        header = "| cell | accuracy mean ± sd | per seed | utilization mean ± sd |"
+        rule = "|---|---|---|---|"
+        for ref in references:
+            header += f" paired diff vs {ref} (mean ± sd, wins) |"
+            rule += "---|"
+        lines += [header, rule]
+        for cell in cells:
+            seeds = sorted(s for (c, s) in by if c == cell)
+            acc = [by[(cell, s)]["test_accuracy"] for s in seeds]
+            util = [by[(cell, s)]["utilization"] for s in seeds]
+            line = (f"| {cell} | {_mean_sd(acc)} | {', '.join(f'{a:.3f}' for a in acc)} | "
+                    f"{_mean_sd(util)} |")
+            for ref in references:
+                paired = [by[(cell, s)]["test_accuracy"] - by[(ref, s)]["test_accuracy"]
+                          for s in seeds if (ref, s) in by]
+                wins = sum(d > 0 for d in paired)
+                line += f" {_mean_sd(paired, signed=True)}, {wins}/{len(paired)} |" if paired else " - |"
+            lines.append(line)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _mean_sd(values: list[float], signed: bool = False) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:+.3f} ± {sd:.3f}" if signed else f"{mean:.3f} ± {sd:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "status", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("grid")
+        p.add_argument("--seeds", default=None, help="comma-separated seeds replacing the grid's")
+        if name == "run":
+            p.add_argument("--workers", type=int, default=2)
+        if name == "report":
+            p.add_argument("--reference", action="append", default=[],
+                           help="cell to pair against (repeatable)")
+    args = parser.parse_args(argv)
+    seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+    grid = load_grid(args.grid, seeds)
+    if args.command == "run":
+        run_grid(grid, args.workers)
+    elif args.command == "status":
+        done = grid.done()
+        missing = [r.key for r in grid.runs if r.key not in done]
+        print(f"{grid.name}: {len(grid.runs) - len(missing)}/{len(grid.runs)} done")
+        for key in missing:
+            print(f"  to run: {key}")
+    else:
+        wanted = {r.key for r in grid.runs}
+        records = [r for k, r in grid.done().items() if k in wanted]
+        print(summarize(records, args.reference))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The sweep runner (benchmarks/sweep.py): a 2-cell grid, resumed, reported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = REPO / "benchmarks" / "sweep.py"
+
+GRID = """
+name = "smoke"
+results = "{results}"
+runs_dir = "{runs}"
+seeds = [0, 1]
+
+[base]
+task = "mqar"
+seq_len = 16
+kv_pairs = 2
+vocab_size = 32
+d_model = 16
+layers = 1
+steps = 6
+batch_size = 4
+log_every = 3
+train_examples = 32
+test_examples = 16
+ess_examples = 4
+ess_splits = 4
+warmup_steps = 1
+
+[settings.gla]
+mixer = "gla"
+
+[cells.none]
+reg_weight = 0.0
+
+[cells.floor]
+reg_weight = 0.5
+reg_target = "at_least:0.9"
+reg_splits = "boundary"
+"""
+
+
+def _sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def test_two_cell_grid_runs_resumes_and_reports(tmp_path):
+    results = tmp_path / "results.jsonl"
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(results=results, runs=tmp_path / "runs"))
+    first = _sweep("run", str(grid), "--seeds", "0")
+    assert first.returncode == 0, first.stderr
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r["key"] for r in records) == ["gla/floor/seed0", "gla/none/seed0"]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["utilization"] > 0 for r in records)
+    again = _sweep("run", str(grid))  # seeds 0 and 1: only seed 1 runs
+    assert again.returncode == 0, again.stderr
+    assert "4 runs, 2 done, 2 to run" in again.stdout
+    keys = [json.loads(line)["key"] for line in results.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 4
+    status = _sweep("status", str(grid))
+    assert "4/4 done" in status.stdout
+    report = _sweep("report", str(grid), "--reference", "none")
+    assert report.returncode == 0, report.stderr
+    assert "| floor |" in report.stdout and "paired diff vs none" in report.stdout
+    assert "/2 |" in report.stdout  # wins out of two paired seeds
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import sweep
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from ess_reg.training import TrainConfig, train
+
+    grid_path = tmp_path / "grid.toml"
+    grid_path.write_text(GRID.format(results=tmp_path / "r.jsonl", runs=tmp_path / "runs"))
+    grid = sweep.load_grid(grid_path, seeds=[0])
+    run = next(r for r in grid.runs if r.cell == "none")
+    folder = grid.runs_dir / run.key
+    partial = TrainConfig(**{**run.config, "out": str(folder), "steps": 6, "checkpoint_every": 3})
+    train(partial, progress=False)  # a finished run's checkpoint stands for an interrupted one
+    record = sweep.train_one(run, str(folder))
+    assert record["resumed"] and record["key"] == "gla/none/seed0"

@@ -210,7 +210,7 @@ class _ArmHook:
                  reentrant_error: str | None = None) -> None:
         self.name, self.entry, self.active, self.reentrant_error = name, entry, active, reentrant_error
         self.armed = self.replaying = self.forward_armed = False
-        self.forward_grad = True
+        self.graph_forwards = 0  # forwards with gradients not yet recomputed (checkpointing)
 
     def __deepcopy__(self, memo: dict) -> _ArmHook:
         return _ArmHook(self.name, self.entry, _never)
@@ -219,12 +219,17 @@ class _ArmHook:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         self.replaying = recomputing()
         if self.replaying:
-            if not self.forward_grad and torch.is_grad_enabled() and self.reentrant_error:
+            if self.graph_forwards == 0 and torch.is_grad_enabled() and self.reentrant_error:
+                # recomputed without any forward that built a graph: the original forward ran
+                # without gradients, i.e. under reentrant checkpointing
                 raise RuntimeError(f"layer {self.name!r}: {self.reentrant_error}")
+            self.graph_forwards = max(0, self.graph_forwards - 1)
             self.armed = self.forward_armed  # the checkpoint expects the original forward's ops
         else:
-            self.forward_grad = torch.is_grad_enabled()
-            self.armed = self.forward_armed = bool(self.active())
+            self.armed = bool(self.active())
+            if torch.is_grad_enabled():  # only such a forward can be recomputed in backward
+                self.forward_armed = self.armed
+                self.graph_forwards = min(self.graph_forwards + 1, 1 << 16)
         if self.armed and self.entry.prepare is not None:
             self.entry.prepare(module)
 

@@ -124,9 +124,16 @@ class ESSMetric(Metric):
     def _adopt_layers(self, info: Mapping[str, tuple[int | None, list[int] | None]]) -> None:
         """Register the layers another metric (or rank) has seen, with zero statistics."""
         for name in sorted(info):
+            tss, index = info[name]
             if name not in self.layers:
-                tss, index = info[name]
                 self._add_layer(name, tss, None if index is None else torch.tensor(index))
+            elif index is not None and name in self.curve_splits:
+                own = self.curve_splits[name]
+                if index != own.tolist():
+                    raise ValueError(
+                        f"ESSMetric(curve=True): layer {name!r} has curves at splits {_short(own)} here "
+                        f"and at {_short(torch.tensor(index))} in the metric it meets; curves of "
+                        "different split positions cannot be added (pass fixed splits=[...])")
         # every rank then holds the same states in the same order, so collectives pair them right
         for registry in (self._defaults, self._reductions, self._persistent):
             ordered = dict(sorted(registry.items()))
@@ -147,6 +154,18 @@ class ESSMetric(Metric):
             for info in gathered:
                 self._adopt_layers(info)
         super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
+
+    def reset(self) -> None:
+        """Zero every statistic; with ``curve=True`` also forget the layers, so the next update may
+        bring another sequence length (other split positions)."""
+        super().reset()
+        if self.curve:
+            for prefix in self.layers.values():
+                for state in [k for k in self._defaults if k.startswith(prefix + "_")]:
+                    for registry in (self._defaults, self._reductions, self._persistent):
+                        registry.pop(state, None)
+                    delattr(self, state)
+            self.layers, self.tss, self.curve_splits = {}, {}, {}
 
     def merge_state(self, incoming_state: Any) -> None:
         """Merge another ``ESSMetric`` (or its state dict) into this one; layers it has and this one

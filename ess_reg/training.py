@@ -95,7 +95,12 @@ def load_run(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tr
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     config = TrainConfig(**state["train_config"])
     model = make_model(config)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # written by another version of the model code
+        first = str(error).strip().splitlines()
+        raise ValueError(f"{checkpoint} does not fit the model its config builds: "
+                         f"{' '.join(line.strip() for line in first[:3])}") from None
     return model.to(device).eval(), config
 
 

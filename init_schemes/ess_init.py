@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 from ess_reg._table import format_table
 from ess_reg.capture import hook_operators, recognised_modules
 from ess_reg.functional.summary import ess_summary
-from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
+from ess_reg.operators import DenseOperator, DiagonalRealization, NotCausalError, Operator
 from init_schemes.registry import CANDIDATES, DEFAULTS, SCHEMES, Apply, lookup
 from init_schemes.third_party import register_available_schemes
 
@@ -98,7 +99,12 @@ def ess_init(
         layers = []
         for name, module in mixers.items():
             label = getattr(module, "name", "") or type(module).__name__
-            before = _score(model, name, module, probe, objective, splits)
+            try:
+                before = _score(model, name, module, probe, objective, splits)
+            except NotCausalError:  # the hooks warned, naming the layer
+                layers.append(LayerInit(name, label, "unchanged (not causal on the probe)",
+                                        math.nan, math.nan))
+                continue
             if scheme != "auto":
                 apply = lookup(SCHEMES[scheme], module)
                 if apply is None:
@@ -154,14 +160,17 @@ def _candidates_for(module, label, candidates):
 
 
 def _score(model, name, module, probe, objective, splits) -> float:
-    kept = {}
-    handles = hook_operators({name: module}, lambda n, m, op, out: kept.__setitem__(n, op))
+    kept, not_causal = {}, {}
+    handles = hook_operators({name: module}, lambda n, m, op, out: kept.__setitem__(n, op),
+                             on_not_causal=not_causal.__setitem__)
     try:
         with torch.no_grad():
             _run(model, probe)
     finally:
         for handle in handles:
             handle.remove()
+    if name in not_causal and name not in kept:
+        raise NotCausalError(str(not_causal[name]))
     if name not in kept:
         raise ValueError(f"the probe did not run layer {name!r}; pass a probe that reaches it")
     summary = ess_summary(_subsample(kept[name]), "entropy", splits=splits)

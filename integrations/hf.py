@@ -68,10 +68,13 @@ class ESSTrainerCallback(transformers.TrainerCallback):
 
 class ESSTrainerMixin:
     """Mix into ``transformers.Trainer``: ``compute_loss`` adds an :class:`ESSRegularizer`'s penalty,
-    and every log carries ``ess/penalty`` (mean penalty since the previous log).
+    and every training log carries ``ess/penalty`` (mean penalty since the previous log).
 
     Pass ``ess_regularizer=`` (a dict of :class:`ESSRegularizer` keyword arguments, or an instance)
-    to the trainer's constructor. ``ess_penalties`` lists every training step's penalty. An attached
+    to the trainer's constructor; a dict gets ``accumulation_steps`` from
+    ``args.gradient_accumulation_steps`` unless it sets it, so the schedule counts optimizer steps.
+    Under gradient accumulation the penalty is divided like the loss: by the Trainer when it divides
+    the loss, here when the loss was already normalised by the number of items. An attached
     regularizer (``reg.attach()``, e.g. inside an ``ESSOptimizer`` passed as ``optimizers=``) applies
     its gradient in the backward pass and is not added to the loss; its ``last_penalty`` is logged.
     """
@@ -80,14 +83,16 @@ class ESSTrainerMixin:
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if isinstance(ess_regularizer, dict):
-            ess_regularizer = ESSRegularizer(self.model, **ess_regularizer)
+            options = {"accumulation_steps": self.args.gradient_accumulation_steps, **ess_regularizer}
+            ess_regularizer = ESSRegularizer(self.model, **options)
         self.ess_regularizer = ess_regularizer
-        self._ess_penalties: list[torch.Tensor] = []  # detached: read on the host only when logged
-        self._ess_since_log = 0
+        self._ess_history: list[float] = []  # penalties of logged steps, as floats
+        self._ess_since_log: list[torch.Tensor] = []  # detached: read on the host only when logged
 
     @property
     def ess_penalties(self) -> list[float]:
-        return [float(p) for p in self._ess_penalties]
+        """Every training micro-batch's penalty so far."""
+        return self._ess_history + [float(p) for p in self._ess_since_log]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -97,21 +102,33 @@ class ESSTrainerMixin:
             return result
         loss, outputs = result if return_outputs else (result, None)
         penalty = reg()
-        self._ess_penalties.append(penalty.detach())
-        self._ess_since_log += 1
+        self._ess_since_log.append(penalty.detach())
+        if self._loss_is_scaled_for_accumulation(num_items_in_batch):
+            penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
         loss = loss + penalty.to(loss.device, loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether the Trainer leaves this loss undivided by the accumulation steps (it was
+        normalised by the number of items), as ``Trainer.training_step`` decides."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            accepts = bool(getattr(self, "model_accepts_loss_kwargs", False))
+            scaled = (accepts and num_items_in_batch is not None) or (
+                getattr(self, "compute_loss_func", None) is not None)
+        return bool(scaled)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds ``ess/penalty`` and the ESS values of any :class:`ESSTrainerCallback` to ``logs``."""
         reg = self.ess_regularizer
         if reg is not None and "loss" in logs:  # a training log, not evaluation or the summary
-            recent = self._ess_penalties[len(self._ess_penalties) - self._ess_since_log:]
+            recent = [float(p) for p in self._ess_since_log]
+            self._ess_history += recent
+            self._ess_since_log = []
             if recent:
-                logs["ess/penalty"] = float(torch.stack([p.to(recent[0].device) for p in recent]).mean())
+                logs["ess/penalty"] = sum(recent) / len(recent)
             elif reg.attached and penalty_value(reg) is not None:
                 logs["ess/penalty"] = penalty_value(reg)
-            self._ess_since_log = 0
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ESSTrainerCallback):
                 logs.update(callback.take_pending())

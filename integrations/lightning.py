@@ -78,7 +78,9 @@ class ESSCallback(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.regularizer_kwargs is not None and self.regularizer is None:
-            self.regularizer = ESSRegularizer(pl_module, **self.regularizer_kwargs)
+            options = {"accumulation_steps": int(getattr(trainer, "accumulate_grad_batches", 1) or 1),
+                       **self.regularizer_kwargs}  # the schedule counts optimizer steps
+            self.regularizer = ESSRegularizer(pl_module, **options)
             pl_module.ess_reg = self.regularizer
             self._restore_regularizer()
 

@@ -242,6 +242,37 @@ def test_chosen_settings_travel_with_the_state_dict(mixer, tmp_path):
     torch.testing.assert_close(fresh(tokens), model(tokens), rtol=0, atol=0)
     with pytest.raises(ValueError, match="must be a finite number > 0"):
         setattr(again, "temperature" if mixer == "la" else "gate_logit_normalizer", 0.0)
+    # a state dict saved before the settings were (no such keys) loads strictly: constructor values
+    old = {k: v for k, v in model.state_dict().items()
+           if not k.endswith(("gate_logit_normalizer", "temperature", "feature_map_code"))}
+    plain = SequenceModel(mixer, d_model=16, n_layers=1, vocab_size=32)
+    plain.load_state_dict(old)
+    assert (plain.blocks[0].mixer.temperature if mixer == "la"
+            else plain.blocks[0].mixer.gate_logit_normalizer) in (1.0, 16.0)
+
+
+@pytest.mark.parametrize("mixer", ["gla", "la"])
+def test_settings_survive_meta_construction(mixer):
+    """FSDP-style: build on the meta device, to_empty(), then load a state dict."""
+    torch.manual_seed(0)
+    source = SequenceModel(mixer, d_model=16, n_layers=1, vocab_size=32)
+    layer = source.blocks[0].mixer
+    if mixer == "la":
+        layer.temperature = 3.0
+        layer.set_feature_map("relu")
+    else:
+        layer.gate_logit_normalizer = 4.0
+    with torch.device("meta"):
+        empty = SequenceModel(mixer, d_model=16, n_layers=1, vocab_size=32)
+    assert empty.blocks[0].mixer.__dict__["_saved_settings"]  # readable without touching meta memory
+    empty.to_empty(device="cpu")
+    empty.load_state_dict(source.state_dict())
+    tokens = torch.randint(0, 32, (2, 10))
+    torch.testing.assert_close(empty(tokens), source(tokens), rtol=0, atol=0)
+    meta = SequenceModel(mixer, d_model=16, n_layers=1, vocab_size=32).to("meta")
+    meta.load_state_dict(source.state_dict(), assign=True)
+    assert (meta.blocks[0].mixer.temperature if mixer == "la"
+            else meta.blocks[0].mixer.gate_logit_normalizer) in (3.0, 4.0)
 
 
 def test_ess_init_auto_choice_survives_load_run(tmp_path):

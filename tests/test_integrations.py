@@ -236,3 +236,44 @@ def test_analyze_hf_local_config(tmp_path, capsys):
     assert main(["analyze", "--hf", str(tmp_path / "nothing")]) == 2
     assert main(["analyze", "--hf", str(tmp_path / "mamba"), "--ids", "1,x"]) == 2
     assert main(["analyze", "--hf", str(tmp_path / "mamba"), "--text", str(tmp_path / "t.txt")]) == 2
+
+
+def test_hf_penalty_gradient_does_not_grow_with_gradient_accumulation(tmp_path):
+    """Same 4 examples per optimizer step in 1 or 2 micro-batches: the same gradient (penalty
+    included), and the schedule counts optimizer steps."""
+    from transformers import MambaConfig, MambaForCausalLM, Trainer, TrainingArguments
+
+    from integrations.hf import ESSTrainerMixin
+
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    class Probe(ESSTrainerMixin, Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            out = super().training_step(model, inputs, num_items_in_batch)
+            self.grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            return out
+
+    grads = {}
+    for accumulation in (1, 2):
+        torch.manual_seed(0)
+        model = MambaForCausalLM(MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=1,
+                                             vocab_size=64, expand=2)).double()
+        args = TrainingArguments(output_dir=str(tmp_path / str(accumulation)), max_steps=1,
+                                 per_device_train_batch_size=4 // accumulation,
+                                 gradient_accumulation_steps=accumulation, learning_rate=0.0,
+                                 logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                                 disable_tqdm=True)
+        trainer = Probe(model=model, args=args, train_dataset=Data(),
+                        ess_regularizer={"weight": 10.0, "splits": [4, 8, 12]})
+        trainer.train()
+        assert trainer.ess_regularizer.step_count == 1  # one optimizer step
+        assert len(trainer.ess_penalties) == accumulation
+        grads[accumulation] = trainer.grads
+    torch.testing.assert_close(grads[2], grads[1], rtol=1e-6, atol=1e-9)

@@ -232,3 +232,15 @@ def test_update_under_forward_builds_no_graph(monkeypatch):
     assert seen and not any(seen)
     assert all(not v.requires_grad for v in batch.values())
     assert all(not getattr(metric, s).requires_grad for s in metric._defaults)
+
+
+def test_curves_of_other_split_positions_are_not_merged_and_reset_forgets_them():
+    short, long = ESSMetric(curve=True, splits=4), ESSMetric(curve=True, splits=4)
+    short.update({"mix": torch.randn(2, 16, 16, dtype=torch.float64).tril()})
+    long.update({"mix": torch.randn(2, 32, 32, dtype=torch.float64).tril()})
+    with pytest.raises(ValueError, match="curve=True.*'mix'.*cannot be added"):
+        short.merge_state(long)
+    short.reset()
+    short.update({"mix": torch.randn(2, 32, 32, dtype=torch.float64).tril()})  # another length now
+    short.merge_state(long)
+    assert short.compute()["mix/curve"].shape == (4,)

@@ -199,3 +199,18 @@ def test_ess_regularizer_and_transition_penalty_on_the_same_layers():
     second = ESSRegularizer(model, splits=3)  # hooked after the transition penalty
     _loss(model, ids)
     assert float(second()) > 0 and float(transition()) > 0 and float(ess()) > 0
+
+
+def test_numpy_and_tensor_numbers_are_numbers_and_bad_splits_say_so():
+    import numpy as np
+
+    model, ids = _model(), _ids()
+    reg = ESSRegularizer(model, weight=np.float32(0.5), schedule=lambda step: torch.tensor(0.5), splits=4)
+    assert reg.factor(0) == 0.5 and reg.layer_weights["blocks.0.mixer"] == 0.5
+    none = ESSRegularizer(_model(), splits=lambda inputs: None)
+    with pytest.raises(ValueError, match="splits gave None"):
+        _loss(none.model, ids)
+    empty = ESSRegularizer(_model(), splits=lambda inputs: torch.zeros(4, 0, dtype=torch.long))
+    _loss(empty.model, ids)
+    with pytest.raises(ValueError, match=r"\[B, S\].*S >= 1"):
+        empty()

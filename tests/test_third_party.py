@@ -263,3 +263,22 @@ def test_s5_siso_pairs_rebuild_the_output():
     pairs = op.dense().double().view(4, 4, 11, 11)  # [h_out, h_in, L, L]
     y = torch.einsum("abij,njb->nia", pairs, x.double()) + layer.seq.D.double() * x.double()
     torch.testing.assert_close(y, layer(x).double(), rtol=1e-4, atol=1e-5)
+
+
+def test_layers_non_causal_at_call_time_get_the_real_reason():
+    from ess_reg import ESSRegularizer
+    from init_schemes import ess_init
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+    x = torch.randn(2, 6, 16)
+    reg = ESSRegularizer(model)
+    with pytest.warns(UserWarning, match="leaves out layer 'layers.0.self_attn'"):
+        model(x)
+    with pytest.raises(RuntimeError, match="non-causal operator.*'layers.0.self_attn'.*causal mask"):
+        reg()
+    reg.remove()
+    with pytest.warns(UserWarning, match="leaves out layer"):
+        report = ess_init(model, probe=x, verbose=False)
+    assert report["layers.0.self_attn"].scheme == "unchanged (not causal on the probe)"

@@ -382,3 +382,46 @@ def test_plain_loop_save_and_resume_is_bit_identical(tmp_path, mode):
         step(model, reg, opt, i)
     for p, q in zip(model.parameters(), straight, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("mode", ["loss_term", "attached"])
+def test_a_no_grad_forward_between_forward_and_backward_under_checkpointing(mode):
+    """An evaluation (or ESS logging) forward under no_grad before backward is not reentrant use."""
+    from ess_reg import capture_operators
+
+    model, ids = _model(), _ids()
+    _checkpointed(model, reentrant=False)
+    reg = ESSRegularizer(model, weight=1.0, splits=4)
+    if mode == "attached":
+        reg.attach()
+    loss = _loss(model, ids)
+    if mode == "loss_term":
+        loss = loss + reg()
+    with torch.no_grad():
+        model(ids)
+        capture_operators(model, ids)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_gradient_accumulation_agrees_across_modes():
+    """Two micro-batches per optimizer step: attached divides its injected term like the loss, and
+    both modes count one schedule step."""
+    ids = _ids()
+    grads = {}
+    for mode in ("loss_term", "attached"):
+        model = _model()
+        reg = ESSRegularizer(model, weight=1.0, splits=4, accumulation_steps=2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        if mode == "attached":
+            opt = ESSOptimizer(opt, reg)
+        for half in (ids[:2], ids[2:]):
+            loss = _loss(model, half) * 0
+            if mode == "loss_term":
+                loss = loss + reg()
+            (loss / 2).backward()
+        opt.step()
+        assert reg.step_count == 1
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["loss_term"], grads["attached"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-13)

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ess_reg.mixers._kernels import HeadRMSNorm, ShortConv, merge_heads, split_heads
-from ess_reg.mixers._settings import ScalarSetting
+from ess_reg.mixers._settings import SavedSettings, ScalarSetting
 from ess_reg.mixers.base import RealizationMixer
 
 
-class GatedLinearAttention(RealizationMixer):
+class GatedLinearAttention(SavedSettings, RealizationMixer):
     """GLA (Yang et al.): ``S_t = diag(alpha_t) S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t / sqrt(K)``.
 
     ``log alpha_t = logsigmoid(W_2 W_1 x_t + b) / gate_logit_normalizer`` (low-rank gate, default
@@ -43,7 +43,7 @@ class GatedLinearAttention(RealizationMixer):
         self.d_model, self.num_heads = d_model, num_heads
         self.key_width, self.value_width = key_width, value_width
         self.key_dim, self.value_dim = key_width // num_heads, value_width // num_heads
-        self.gate_logit_normalizer = gate_logit_normalizer  # a buffer: travels with state_dict
+        self.gate_logit_normalizer = gate_logit_normalizer  # saved in state_dict
         self.clamp_min = clamp_min
         self.q = nn.Linear(d_model, key_width, bias=False)
         self.k = nn.Linear(d_model, key_width, bias=False)
@@ -64,7 +64,7 @@ class GatedLinearAttention(RealizationMixer):
         if self.conv is not None:
             qkv = self.conv(qkv)
         q, k, v = qkv.split([self.key_width, self.key_width, self.value_width], dim=-1)
-        log_gate = F.logsigmoid(self.gate(x)) / self._gate_logit_normalizer
+        log_gate = F.logsigmoid(self.gate(x)) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             log_gate = log_gate.clamp_min(self.clamp_min)
         heads = self.num_heads

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ess_reg.mixers._kernels import ShortConv
-from ess_reg.mixers._settings import ScalarSetting
+from ess_reg.mixers._settings import SavedSettings, ScalarSetting
 from ess_reg.mixers.base import RealizationMixer
 
 
-class GatedSelectiveSSM(RealizationMixer):
+class GatedSelectiveSSM(SavedSettings, RealizationMixer):
     """GLA-S6 hybrid: S6's state, GLA's gate.
 
     Per channel ``d`` of ``d_inner = expand * d_model``:
@@ -43,7 +43,7 @@ class GatedSelectiveSSM(RealizationMixer):
         super().__init__()
         self.d_model, self.d_state = d_model, d_state
         self.d_inner = expand * d_model
-        self.gate_logit_normalizer = gate_logit_normalizer  # a buffer: travels with state_dict
+        self.gate_logit_normalizer = gate_logit_normalizer  # saved in state_dict
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv = ShortConv(self.d_inner, d_conv)
         self.x_proj = nn.Linear(self.d_inner, 2 * d_state, bias=False)
@@ -64,7 +64,7 @@ class GatedSelectiveSSM(RealizationMixer):
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         u = F.silu(self.conv(xs))  # [B, L, D_in]
         B, C = self.x_proj(u).split([self.d_state, self.d_state], dim=-1)
-        log_gate = F.logsigmoid(self.gate(u)) / self._gate_logit_normalizer  # [B, L, D_in], <= 0
+        log_gate = F.logsigmoid(self.gate(u)) / self.gate_logit_normalizer  # [B, L, D_in], <= 0
         rate = torch.exp(self.A_log)  # [D_in, N]
         batch, length = x.shape[:2]
         shape = (batch, self.d_inner, length, self.d_state)

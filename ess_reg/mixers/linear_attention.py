@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from ess_reg.mixers._kernels import HeadRMSNorm, ShortConv, merge_heads, split_heads
-from ess_reg.mixers._settings import ScalarSetting
+from ess_reg.mixers._settings import SavedSettings, ScalarSetting
 from ess_reg.mixers.base import RealizationMixer
 from ess_reg.mixers.feature_maps import FEATURE_MAP_NAMES, FEATURE_MAPS, make_feature_map
 
 
-class LinearAttention(RealizationMixer):
+class LinearAttention(SavedSettings, RealizationMixer):
     """``S_i = S_{i-1} + phi(k_i) v_i^T``, ``y_i = S_i^T phi(q_i) s`` (``A = I``), per head.
 
     ``T_h[i, j] = s phi(q_i) . phi(k_j)`` with ``s = F^{-1/2}``, or, with ``normalize=True``,
@@ -46,9 +46,8 @@ class LinearAttention(RealizationMixer):
         self.head_dim = d_model // num_heads
         self.feature_dim = feature_dim or self.head_dim
         self.normalize, self.eps = normalize, eps
-        self.register_buffer("_feature_map_code", torch.tensor(0))
         self.set_feature_map(feature_map)
-        self.temperature = temperature  # a buffer: travels with state_dict
+        self.temperature = temperature  # saved in state_dict
         key_width = num_heads * self.feature_dim
         self.q = nn.Linear(d_model, key_width, bias=False)
         self.k = nn.Linear(d_model, key_width, bias=False)
@@ -65,19 +64,20 @@ class LinearAttention(RealizationMixer):
             raise ValueError(f"feature_map {name!r} is not positive, but the layer has normalize=True; "
                              f"pick one of {', '.join(n for n, m in FEATURE_MAPS.items() if m.positive)}")
         reference = next((p for p in self.parameters() if p.is_floating_point()), None)
-        self.feature_map = new.to(self._feature_map_code.device) if reference is None else new.to(
-            reference.device, reference.dtype)
-        self._feature_map_code.fill_(FEATURE_MAP_NAMES.index(name))
+        self.feature_map = new if reference is None else new.to(reference.device, reference.dtype)
+        self._feature_map_name = name
 
     @property
     def feature_map_name(self) -> str:
-        return FEATURE_MAP_NAMES[int(self._feature_map_code)]
+        return self._feature_map_name
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        code = state_dict.get(prefix + "_feature_map_code")
-        if code is not None and int(code) != int(self._feature_map_code):  # rebuild before the
-            self.set_feature_map(FEATURE_MAP_NAMES[int(code)])  # map's own parameters load
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _extra_settings(self) -> dict[str, torch.Tensor]:
+        return {"feature_map_code": torch.tensor(FEATURE_MAP_NAMES.index(self._feature_map_name))}
+
+    def _load_extra_settings(self, values) -> None:
+        code = values.get("feature_map_code")
+        if code is not None and not code.is_meta and FEATURE_MAP_NAMES[int(code)] != self._feature_map_name:
+            self.set_feature_map(FEATURE_MAP_NAMES[int(code)])  # before the map's own parameters load
 
     @property
     def state_size(self) -> int:
@@ -89,8 +89,8 @@ class LinearAttention(RealizationMixer):
             qkv = self.conv(qkv)
         width = self.num_heads * self.feature_dim
         q, k, v = qkv.split([width, width, self.d_model], dim=-1)
-        phi_q = self.feature_map(split_heads(q, self.num_heads) / self._temperature, is_query=True)
-        phi_k = self.feature_map(split_heads(k, self.num_heads) / self._temperature, is_query=False)
+        phi_q = self.feature_map(split_heads(q, self.num_heads) / self.temperature, is_query=True)
+        phi_k = self.feature_map(split_heads(k, self.num_heads) / self.temperature, is_query=False)
         if self.normalize:
             c = phi_q / ((phi_q * phi_k.cumsum(dim=-2)).sum(-1, keepdim=True) + self.eps)
         else:

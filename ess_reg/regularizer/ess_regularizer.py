@@ -18,6 +18,7 @@ from ess_reg.regularizer.options import (
     Schedule,
     SplitFn,
     Target,
+    as_number,
     batch_mean,
     batch_splits,
     check_factor,
@@ -70,6 +71,10 @@ class ESSRegularizer:
         total_steps: the decay's length.
         every_n_steps, warmup_steps: schedule; on skipped steps ``reg()`` returns a zero tensor and
             no operator is built. One call of ``reg()`` (or one ``ESSOptimizer.step``) is one step.
+        accumulation_steps: micro-batches per optimizer step under gradient accumulation: in
+            loss-term mode the schedule advances once every that many ``reg()`` calls (divide the
+            loss, penalty included, as usual); in attached mode each backward's injected penalty
+            is divided by it, as the loss is.
         dtype: compute dtype of the singular values (float64 default).
         generator: ``torch.Generator`` for the split sampling (CPU).
         tol, temperature: of ``kind="soft_tolerance"``.
@@ -93,12 +98,18 @@ class ESSRegularizer:
         total_steps: int | None = None,
         every_n_steps: int = 1,
         warmup_steps: int = 0,
+        accumulation_steps: int = 1,
         dtype: torch.dtype = torch.float64,
         generator: torch.Generator | None = None,
         tol: float = 1e-3,
         temperature: float = 0.5,
     ) -> None:
         _check_config(kind, splits, every_n_steps, warmup_steps, dtype, tol, temperature)
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or (
+                accumulation_steps < 1):
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        self.accumulation_steps = accumulation_steps
+        self._micro_steps = 0  # reg() calls in the current optimizer step (loss-term mode)
         self.model = model
         self.weight, self.kind, self.target, self.normalize = weight, kind, target, normalize
         self.splits = splits if splits is None or isinstance(splits, int) or callable(splits) else (
@@ -111,13 +122,13 @@ class ESSRegularizer:
         chosen = select_modules(model, modules)
         weights = per_layer(weight, list(chosen), "weight", check_weight, default=0.0)
         targets = per_layer(target, list(chosen), "target", check_target, default="max")
-        if isinstance(weight, int | float):  # one weight: every chosen layer, even at 0
+        if as_number(weight) is not None:  # one weight: every chosen layer, even at 0
             self.modules = chosen
         else:
-            self.modules = {n: m for n, m in chosen.items() if weights[n] != 0}
+            self.modules = {n: m for n, m in chosen.items() if as_number(weights[n]) != 0}
             if not self.modules:
                 raise ValueError(f"weight gives every layer a zero weight; the mixers are {list(chosen)}")
-        self.layer_weights = {n: float(weights[n]) for n in self.modules}
+        self.layer_weights = {n: as_number(weights[n]) for n in self.modules}
         self.layer_targets = {n: targets[n] for n in self.modules}
         self.step_count = 0
         self.operators: dict[str, Operator] = {}
@@ -132,11 +143,13 @@ class ESSRegularizer:
         self._step_terms: list[torch.Tensor] = []  # attached mode: terms built in this step's backward
         self._last_penalty: torch.Tensor | None = None
         self._handles: list = []
+        self._not_causal: dict[str, Any] = {}  # layers left out of a forward as non-causal
         self._hook()
 
     def _hook(self) -> None:
         self._handles = hook_operators(self.modules, self._on_forward, active=self._capture_now,
-                                       replay=self._on_recompute, reentrant_error=_REENTRANT)
+                                       replay=self._on_recompute, reentrant_error=_REENTRANT,
+                                       on_not_causal=self._left_out)
         self._handles.append(self.model.register_forward_pre_hook(_StartForward(self), with_kwargs=True))
 
     # -- schedule ------------------------------------------------------------------------------
@@ -147,6 +160,7 @@ class ESSRegularizer:
         return {"weight": self.weight, "kind": self.kind, "target": self.target,
                 "normalize": self.normalize, "modules": list(self.modules), "splits": splits,
                 "schedule": self.schedule, "total_steps": self.total_steps,
+                "accumulation_steps": self.accumulation_steps,
                 "every_n_steps": self.every_n_steps, "warmup_steps": self.warmup_steps,
                 "dtype": str(self.dtype), "tol": self.tol, "temperature": self.temperature}
 
@@ -172,7 +186,8 @@ class ESSRegularizer:
     def state_dict(self) -> dict[str, Any]:
         """The schedule's position and the split sampler's RNG (tensors and ints: loads with
         ``torch.load(..., weights_only=True)``); restore with :meth:`load_state_dict`."""
-        return {"step_count": self.step_count, "generator_state": self.generator.get_state()}
+        return {"step_count": self.step_count, "generator_state": self.generator.get_state(),
+                "micro_steps": self._micro_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the schedule and the split sampling where :meth:`state_dict` left them."""
@@ -181,6 +196,7 @@ class ESSRegularizer:
                              f"generator_state), got {type(state).__name__}")
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator_state"])
+        self._micro_steps = int(state.get("micro_steps", 0))
         self._split_step = -1
 
     @property
@@ -216,6 +232,12 @@ class ESSRegularizer:
                     "this ESSRegularizer's hooks were removed (remove() or the end of its with-block), "
                     "so it has nothing to penalize; create a new one, or call attach() to hook the "
                     "model again")
+            if not self._pending and self._not_causal:
+                raise RuntimeError(
+                    f"reg() found no operator: every regularized layer computed a non-causal operator "
+                    f"in the last forward ({', '.join(map(repr, self._not_causal))}: "
+                    f"{next(iter(self._not_causal.values()))}); pass a causal mask, or leave these "
+                    "layers out with modules=")
             if not self._pending:
                 raise RuntimeError(
                     "reg() found no operator from a forward since the last reg(): call it after the "
@@ -223,6 +245,7 @@ class ESSRegularizer:
                     "activation checkpointing (use_reentrant=True) the hooks see no graph and capture "
                     "nothing; use use_reentrant=False)")
             pending, self._pending = self._pending, {}
+            self._not_causal = {}
             layers = len(pending)
             terms = [self._layer_term(name, op, 1.0 / (layers * len(ops)),
                                       at if splits is None else splits)
@@ -233,7 +256,10 @@ class ESSRegularizer:
             self._last_penalty = penalty.detach()
             return penalty
         finally:
-            self.advance()
+            self._micro_steps += 1
+            if self._micro_steps >= self.accumulation_steps:
+                self._micro_steps = 0
+                self.advance()
 
     def _layer_term(self, name: str, op: Operator, share: float, splits: Any = None) -> torch.Tensor:
         value = self.utilization(op, splits)
@@ -295,11 +321,15 @@ class ESSRegularizer:
         def penalty(leaves: list[torch.Tensor]) -> torch.Tensor:
             # read at backward time, when the forward has counted every layer and call: a layer
             # called twice counts half per call, so attached and loss-term modes agree
-            term = self._layer_term(name, op.rebuild(leaves), 1.0 / (len(calls) * calls[name]), at)
+            share = 1.0 / (len(calls) * calls[name] * self.accumulation_steps)
+            term = self._layer_term(name, op.rebuild(leaves), share, at)
             self._step_terms.append(term.detach())
             return term
 
         return _InjectPenalty.apply(penalty, self, output, *tensors)
+
+    def _left_out(self, name: str, error: Exception) -> None:
+        self._not_causal[name] = error
 
     def _on_recompute(self, name: str, module: nn.Module, op: Operator, output: Any) -> Any:
         """Activation checkpointing recomputes a layer inside backward: in attached mode the
@@ -390,7 +420,11 @@ class _StartForward:
         reg._calls = {}
         if callable(reg.splits) and reg._capture_now():
             first = args[0] if args else kwargs.get("input_ids", next(iter(kwargs.values()), None))
-            reg._forward_splits = reg.splits(first)
+            splits = reg.splits(first)
+            if splits is None:
+                raise ValueError("splits gave None; a splits callable must return a [B, S] (or [S]) "
+                                 "index tensor for the batch")
+            reg._forward_splits = splits
 
     def __deepcopy__(self, memo: dict) -> _InertHook:
         return _InertHook()

@@ -4,6 +4,7 @@ per-batch splits, each turned into one small callable here."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -68,8 +69,20 @@ def _is_scalar_option(value: Any) -> bool:
     return not (isinstance(value, Mapping) or (callable(value) and not isinstance(value, str)))
 
 
+def as_number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (Python, NumPy or a one-element tensor), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.is_meta:
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def check_weight(weight: Any, where: str = "weight") -> None:
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+    number = as_number(weight)
+    if number is None or not math.isfinite(number):
         raise ValueError(f"{where} must be a finite number, got {weight!r}")
 
 
@@ -109,20 +122,22 @@ class _CosineDecay:
 
 
 def check_factor(factor: Any, step: int) -> float:
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or not (
-            math.isfinite(factor) and factor >= 0):
+    number = as_number(factor)
+    if number is None or not (math.isfinite(number) and number >= 0):
         raise ValueError(f"the schedule returned {factor!r} at step {step}; it must return a finite "
                          "number >= 0")
-    return float(factor)
+    return number
 
 
 def batch_splits(index: Any, seq_len: int, where: str = "splits") -> torch.Tensor:
     """Validate per-batch split indices: a ``[B, S]`` (or ``[S]``) integer tensor in ``1 .. L-1``."""
+    if index is None:
+        raise ValueError(f"{where} gave None; a splits callable must return a [B, S] (or [S]) index tensor")
     if not isinstance(index, torch.Tensor):
         index = torch.as_tensor(index)
     if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
         raise ValueError(f"{where} must give integer split indices, got dtype {index.dtype}")
-    if index.dim() not in (1, 2) or index.shape[-1] == 0:
+    if index.dim() not in (1, 2) or index.numel() == 0:
         raise ValueError(f"{where} must give a [B, S] (or [S]) index tensor with S >= 1, got shape "
                          f"{tuple(index.shape)}")
     low, high = int(index.min()), int(index.max())

@@ -214,3 +214,26 @@ def test_numpy_and_tensor_numbers_are_numbers_and_bad_splits_say_so():
     _loss(empty.model, ids)
     with pytest.raises(ValueError, match=r"\[B, S\].*S >= 1"):
         empty()
+
+
+def test_splits_callable_reads_input_ids_passed_by_keyword():
+    """Hugging Face models are called as model(input_ids=..., labels=...)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=1,
+                                         vocab_size=VOCAB, expand=2)).double()
+    seen = []
+
+    def at_boundary(input_ids):
+        seen.append(tuple(input_ids.shape))
+        return torch.full((input_ids.shape[0], 1), 5)
+
+    reg = ESSRegularizer(model, splits=at_boundary, weight=1.0)
+    ids = _ids(length=12)
+    model(input_ids=ids, labels=ids)
+    penalty = reg()
+    assert seen == [(4, 12)] and torch.isfinite(penalty)
+    fixed = ESSRegularizer(model, splits=[5], weight=1.0)
+    model(input_ids=ids)
+    assert float(fixed()) == pytest.approx(float(penalty), rel=1e-10)

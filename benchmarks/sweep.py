@@ -7,7 +7,8 @@
 A grid (TOML) names ``settings`` and ``cells`` (each a table of ``ess_reg.training.TrainConfig``
 overrides, applied over ``[base]``: setting first, then cell) and the ``seeds``; every
 (setting, cell, seed) is one run of ``ess_reg.training.train``, in its own process with one thread,
-``workers`` (default 2) at a time. Each finished run appends one line to the grid's ``results``
+``workers`` (default 2) at a time; a run that fails or crashes is reported at the end and the others
+go on. Each finished run appends one line to the grid's ``results``
 file (JSONL, written by this process only); a restart skips the runs already there, and a run that
 was interrupted continues from its own ``checkpoint.pt``. A cell may list ``settings = [...]`` to
 run only there.
@@ -25,12 +26,11 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +61,23 @@ class Grid:
         if not self.results.exists():
             return {}
         out = {}
-        for line in self.results.read_text().splitlines():
-            if line.strip():
+        for number, line in enumerate(self.results.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a killed writer: that run runs again
+                print(f"warning: {self.results}:{number} is not a complete JSON record; ignored",
+                      file=sys.stderr)
+                continue
+            if "key" in record and "error" not in record:
                 out[record["key"]] = record
         return out
 
 
 def load_grid(path: str | Path, seeds: Iterable[int] | None = None) -> Grid:
     """Read a grid file; ``seeds`` replaces the file's seeds."""
-    from ess_reg.training import TrainConfig
+    from ess_reg.training import TrainConfig, _validate
 
     path = Path(path)
     spec = tomllib.loads(path.read_text())
@@ -84,13 +91,21 @@ def load_grid(path: str | Path, seeds: Iterable[int] | None = None) -> Grid:
         for cell, cell_overrides in cells.items():
             cell_overrides = dict(cell_overrides)
             only = cell_overrides.pop("settings", None)
-            if only is not None and setting not in only:
-                continue
+            if only is not None:
+                if not isinstance(only, list) or not set(only) <= set(settings):
+                    raise ValueError(f"{path}: cell {cell!r}: settings must be a list of setting names "
+                                     f"from {sorted(settings)}, got {only!r}")
+                if setting not in only:
+                    continue
             config = {**base, **setting_overrides, **cell_overrides}
             unknown = sorted(set(config) - fields)
             if unknown:
                 raise ValueError(f"{path}: setting {setting!r}, cell {cell!r}: unknown TrainConfig "
                                  f"fields {unknown}")
+            try:  # a bad cell fails here, not hours into the sweep
+                _validate(TrainConfig(**config))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path}: setting {setting!r}, cell {cell!r}: {error}") from None
             runs += [Run(setting, cell, seed, {**config, "seed": seed}) for seed in seeds]
     name = spec.get("name", path.stem)
     results = _resolve(spec.get("results", f"benchmarks/sweeps/{name}.jsonl"))  # tracked
@@ -112,34 +127,55 @@ def run_grid(grid: Grid, workers: int = 2, *, echo: bool = True) -> list[dict[st
               f"({workers} at a time)", flush=True)
     grid.results.parent.mkdir(parents=True, exist_ok=True)
     new: list[dict[str, Any]] = []
-    context = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1,
-                             initializer=_one_thread) as pool:
-        pending: dict[Future, Run] = {}
-        queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < workers:
-                run = queue.pop(0)
-                pending[pool.submit(train_one, run, str(grid.runs_dir / run.key))] = run
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                run = pending.pop(future)
-                record = future.result()  # a failed run stops the sweep: its error is the message
-                with grid.results.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                new.append(record)
-                if echo:
-                    print(f"  {run.key}: accuracy {record['test_accuracy']:.3f}, utilization "
-                          f"{record['utilization']:.3f}, {record['seconds']:.0f} s", flush=True)
+    failed: dict[str, str] = {}
+    if grid.results.exists() and grid.results.stat().st_size:
+        with grid.results.open("rb+") as fh:  # never append onto a line a killed writer cut off
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+    queue, running = list(todo), {}
+    while queue or running:
+        while queue and len(running) < workers:  # one process per run: a crash costs one run only
+            run = queue.pop(0)
+            running[run.key] = _start(run, grid.runs_dir / run.key)
+        time.sleep(0.2)
+        for key, (process, record_path, log_path) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[key]
+            if process.returncode != 0 or not record_path.exists():
+                lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.exists() else []
+                tail = lines[-1:]
+                failed[key] = f"exit code {process.returncode}: {' '.join(tail)} (log: {log_path})"
+                print(f"  {key}: FAILED {failed[key]}", flush=True)
+                continue
+            record = json.loads(record_path.read_text())
+            record_path.unlink()
+            with grid.results.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            new.append(record)
+            if echo:
+                print(f"  {key}: accuracy {record['test_accuracy']:.3f}, utilization "
+                      f"{record['utilization']:.3f}, {record['seconds']:.0f} s", flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed (the others are recorded): "
+                           + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     return new
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+def _start(run: Run, folder: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """Launch ``train_one`` for ``run`` in a fresh Python with one thread; its record goes to a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec, record, log = folder / "sweep_run.json", folder / "sweep_record.json", folder / "sweep.log"
+    record.unlink(missing_ok=True)
+    spec.write_text(json.dumps(dataclasses.asdict(run)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("w") as fh:
+        process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_one", str(spec)],
+                                   stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return process, record, log
 
 
 def train_one(run: Run, folder: str) -> dict[str, Any]:
@@ -151,12 +187,17 @@ def train_one(run: Run, folder: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     start = time.perf_counter()
     checkpoint = Path(folder) / "checkpoint.pt"
+    config = TrainConfig(**{**run.config, "out": folder})
+    resumed = False
     if checkpoint.exists():
-        config = resume_config(folder)
-        resumed = True
-    else:
-        config = TrainConfig(**{**run.config, "out": folder})
-        resumed = False
+        try:
+            saved = resume_config(folder)
+        except ValueError:  # not a checkpoint this code can continue
+            saved = None
+        if saved is not None and dataclasses.replace(saved, out=folder) == config:  # interrupted
+            config, resumed = saved, True
+        else:
+            print(f"  {run.key}: the grid changed since its checkpoint; starting it again", flush=True)
     last = train(config, progress=False, overwrite=not resumed, resume=resumed)
     metric = last.get("metric", {})
     utilization = {k[: -len("/utilization")]: v for k, v in metric.items() if k.endswith("/utilization")}
@@ -196,7 +237,9 @@ def summarize(records: list[dict[str, Any]], references: list[str]) -> str:
                 paired = [by[(cell, s)]["test_accuracy"] - by[(ref, s)]["test_accuracy"]
                           for s in seeds if (ref, s) in by]
                 wins = sum(d > 0 for d in paired)
-                line += f" {_mean_sd(paired, signed=True)}, {wins}/{len(paired)} |" if paired else " - |"
+                note = "" if len(paired) == len(seeds) else f" (over {len(paired)} shared seeds)"
+                cell_text = f" {_mean_sd(paired, signed=True)}, {wins}/{len(paired)}{note} |"
+                line += cell_text if paired else " - |"
             lines.append(line)
         lines.append("")
     return "\n".join(lines)
@@ -210,7 +253,22 @@ def _mean_sd(values: list[float], signed: bool = False) -> str:
     return f"{mean:+.3f} ± {sd:.3f}" if signed else f"{mean:.3f} ± {sd:.3f}"
 
 
+def _one(spec_path: str) -> int:
+    """Child process: train one run described by ``spec_path`` and write its record beside it."""
+    spec = json.loads(Path(spec_path).read_text())
+    run = Run(spec["setting"], spec["cell"], spec["seed"], spec["config"])
+    folder = Path(spec_path).parent
+    record = train_one(run, str(folder))
+    tmp = folder / "sweep_record.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, folder / "sweep_record.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_one"]:
+        return _one(argv[1])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "status", "report"):
@@ -236,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         wanted = {r.key for r in grid.runs}
         records = [r for k, r in grid.done().items() if k in wanted]
+        cells = {r.cell for r in grid.runs}
+        unknown = [ref for ref in args.reference if ref not in cells]
+        if unknown:
+            parser.error(f"--reference {', '.join(unknown)}: not a cell of the grid ({sorted(cells)})")
         print(summarize(records, args.reference))
     return 0
 

@@ -151,7 +151,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
                             "'boundary': MQAR's context/query split)")
     train.add_argument("--reg-schedule", default=defaults.reg_schedule,
                        choices=["constant", "linear_decay", "cosine_decay"],
-                       help="the ESS weight over the run: constant, or decaying to 0 at --steps")
+                       help="the ESS weight over the run: constant, or decaying to 0 at --steps "
+                            "(the transition penalty stays constant)")
     train.add_argument("--reg-transition-weight", type=float, default=defaults.reg_transition_weight,
                        help="add the paper's ||A - I||_F penalty with this weight (with any --reg-kind)")
     train.add_argument("--checkpoint-every", type=_positive, default=defaults.checkpoint_every,

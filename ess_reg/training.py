@@ -406,11 +406,21 @@ class CombinedPenalty:
 
 
 def _reg_splits(config: TrainConfig):
-    if config.reg_splits != "boundary":
-        return config.reg_splits
-    from ess_reg.tasks import BoundarySplits
+    """``reg_splits`` as ``ESSRegularizer`` takes it: a count, None for ``"all"``, or MQAR's
+    boundary for ``"boundary"`` (any case)."""
+    splits = config.reg_splits
+    if isinstance(splits, str):
+        word = splits.strip().lower()
+        if word == "all":
+            return None
+        if word == "boundary":
+            from ess_reg.tasks import BoundarySplits
 
-    return BoundarySplits(2 * config.kv_pairs)
+            return BoundarySplits(2 * config.kv_pairs)
+        raise ValueError(f"reg_splits must be a positive int, 'all' or 'boundary', got {splits!r}")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"reg_splits must be a positive int, 'all' or 'boundary', got {splits!r}")
+    return splits
 
 
 def parse_target(text: str | float) -> str | float | tuple[str, float]:
@@ -422,7 +432,7 @@ def parse_target(text: str | float) -> str | float | tuple[str, float]:
             floor = float(text.split(":", 1)[1])
         except ValueError:
             floor = float("nan")
-        if floor >= 0:
+        if math.isfinite(floor) and floor >= 0:
             return ("at_least", floor)
         raise ValueError(f"reg_target at_least:U needs a number U >= 0, got {text!r}")
     try:
@@ -508,7 +518,8 @@ def _validate(config: TrainConfig) -> None:
     if config.reg_schedule not in ("constant", "linear_decay", "cosine_decay"):
         raise ValueError("reg_schedule must be constant, linear_decay or cosine_decay, got "
                          f"{config.reg_schedule!r}")
-    if config.reg_splits == "boundary" and config.task != "mqar":
+    _reg_splits(config)
+    if str(config.reg_splits).strip().lower() == "boundary" and config.task != "mqar":
         raise ValueError(f"reg_splits 'boundary' is MQAR's context/query split; task is {config.task!r}")
     parse_target(config.reg_target)
     from init_schemes import SCHEMES

@@ -237,3 +237,61 @@ def test_splits_callable_reads_input_ids_passed_by_keyword():
     fixed = ESSRegularizer(model, splits=[5], weight=1.0)
     model(input_ids=ids)
     assert float(fixed()) == pytest.approx(float(penalty), rel=1e-10)
+
+
+def test_a_failed_call_changes_nothing_and_last_penalty_means_one_thing():
+    model, ids = _model(), _ids()
+    reg = ESSRegularizer(model, weight=1.0, splits=3)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="no operator"):
+            reg()
+    assert reg.step_count == 0
+    _loss(model, ids)
+    with pytest.raises(ValueError, match="split indices"):
+        reg(splits=torch.tensor([0]))
+    assert reg.step_count == 0 and reg._pending  # a corrected call still finds the forward
+    assert torch.isfinite(reg(splits=torch.tensor([3])))
+    penalties = {}
+    for mode in ("loss_term", "attached"):
+        model = _model()
+        reg = ESSRegularizer(model, weight=1.0, splits=[4, 9], accumulation_steps=2)
+        if mode == "attached":
+            reg.attach()
+        for half in (ids[:2], ids[2:]):
+            loss = _loss(model, half)
+            if mode == "loss_term":
+                loss = loss + reg()
+            loss.backward()
+        if mode == "attached":
+            reg.advance()
+        penalties[mode] = float(reg.last_penalty)
+    assert penalties["attached"] == pytest.approx(penalties["loss_term"], rel=1e-12)
+
+
+def test_pickling_names_an_unpicklable_option_and_config_is_plain_data():
+    import json
+    import pickle
+
+    from ess_reg.tasks import BoundarySplits
+
+    model = _model()
+    reg = ESSRegularizer(model, splits=lambda ids: torch.full((ids.shape[0], 1), 4))
+    with pytest.raises(TypeError, match="its splits= is <function.*module-level function"):
+        pickle.dumps(model)
+    json.dumps(reg.config)
+    reg.remove()
+    fine = ESSRegularizer(_model(), splits=BoundarySplits(4), schedule="cosine_decay", total_steps=9)
+    again = pickle.loads(pickle.dumps(fine))
+    assert again.splits.boundary == 4 and again.factor(9) == 0
+    assert json.dumps(fine.config)
+
+
+def test_targets_accept_numpy_and_tensor_numbers():
+    import numpy as np
+
+    model, ids = _model(), _ids()
+    for target in (np.float32(0.5), torch.tensor(0.5), ("at_least", np.float64(0.9))):
+        reg = ESSRegularizer(model, target=target, splits=[5])
+        _loss(model, ids)
+        assert torch.isfinite(reg())
+        reg.remove()

@@ -85,7 +85,49 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
     grid = sweep.load_grid(grid_path, seeds=[0])
     run = next(r for r in grid.runs if r.cell == "none")
     folder = grid.runs_dir / run.key
-    partial = TrainConfig(**{**run.config, "out": str(folder), "steps": 6, "checkpoint_every": 3})
-    train(partial, progress=False)  # a finished run's checkpoint stands for an interrupted one
+    train(TrainConfig(**{**run.config, "out": str(folder)}), progress=False)  # stands for a killed run
     record = sweep.train_one(run, str(folder))
     assert record["resumed"] and record["key"] == "gla/none/seed0"
+    changed = sweep.Run(run.setting, run.cell, run.seed, {**run.config, "lr": 1e-3})
+    assert not sweep.train_one(changed, str(folder))["resumed"]  # the grid changed: start again
+
+
+def _load_sweep():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import sweep
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return sweep
+
+
+def test_bad_cells_fail_at_load_and_partial_lines_are_skipped(tmp_path):
+    import pytest
+
+    sweep = _load_sweep()
+    grid_path = tmp_path / "grid.toml"
+    base = GRID.format(results=tmp_path / "r.jsonl", runs=tmp_path / "runs")
+    grid_path.write_text(base + '\n[cells.bad]\nreg_weight = 1.0\nreg_splits = "edge"\n')
+    with pytest.raises(ValueError, match="cell 'bad'.*reg_splits must be"):
+        sweep.load_grid(grid_path)
+    grid_path.write_text(base + '\n[cells.odd]\nsettings = "gla"\nreg_weight = 0.0\n')
+    with pytest.raises(ValueError, match="cell 'odd': settings must be a list"):
+        sweep.load_grid(grid_path)
+    grid_path.write_text(base + '\n[cells.all]\nreg_weight = 0.1\nreg_splits = "all"\n')
+    grid = sweep.load_grid(grid_path, seeds=[0])
+    assert len(grid.runs) == 3
+    grid.results.write_text('{"key": "gla/none/seed0", "test_accuracy": 0.5}\n{"key": "gla/fl')
+    assert list(grid.done()) == ["gla/none/seed0"]
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
+    import pytest
+
+    sweep = _load_sweep()
+    grid_path = tmp_path / "grid.toml"
+    grid_path.write_text(GRID.format(results=tmp_path / "r.jsonl", runs=tmp_path / "runs"))
+    grid = sweep.load_grid(grid_path, seeds=[0])
+    grid.runs[1] = sweep.Run("gla", "broken", 0, {**grid.runs[1].config, "steps": -1})
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed.*gla/broken/seed0"):
+        sweep.run_grid(grid, workers=2, echo=False)
+    assert list(grid.done()) == ["gla/none/seed0"]

@@ -110,6 +110,7 @@ class ESSRegularizer:
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         self.accumulation_steps = accumulation_steps
         self._micro_steps = 0  # reg() calls in the current optimizer step (loss-term mode)
+        self._micro_sum: torch.Tensor | None = None  # their penalties / accumulation_steps
         self.model = model
         self.weight, self.kind, self.target, self.normalize = weight, kind, target, normalize
         self.splits = splits if splits is None or isinstance(splits, int) or callable(splits) else (
@@ -155,14 +156,15 @@ class ESSRegularizer:
     # -- schedule ------------------------------------------------------------------------------
     @property
     def config(self) -> dict[str, Any]:
-        """Picklable hyper-parameters (everything but the model)."""
+        """The hyper-parameters as plain data (callables by their repr, tensors as lists)."""
         splits = self.splits.tolist() if isinstance(self.splits, torch.Tensor) else self.splits
-        return {"weight": self.weight, "kind": self.kind, "target": self.target,
+        options = {"weight": self.weight, "kind": self.kind, "target": self.target,
                 "normalize": self.normalize, "modules": list(self.modules), "splits": splits,
                 "schedule": self.schedule, "total_steps": self.total_steps,
                 "accumulation_steps": self.accumulation_steps,
                 "every_n_steps": self.every_n_steps, "warmup_steps": self.warmup_steps,
                 "dtype": str(self.dtype), "tol": self.tol, "temperature": self.temperature}
+        return {key: _plain(value) for key, value in options.items()}
 
     def factor(self, step: int | None = None) -> float:
         """The schedule's factor of the weight at ``step`` (default: the current step)."""
@@ -201,10 +203,10 @@ class ESSRegularizer:
 
     @property
     def last_penalty(self) -> torch.Tensor | None:
-        """The penalty of the last completed step: a detached scalar on the model's device (zero on
-        steps the schedule skips), None before the first. In attached mode, the sum of the terms
-        built in that step's backward passes. Reading it as a float synchronises with the device,
-        so loggers read it at their own cadence."""
+        """The penalty of the last completed (optimizer) step: a detached scalar on the model's
+        device (zero on steps the schedule skips), None before the first; under gradient
+        accumulation the mean over the step's micro-batches, in both modes. Reading it as a float
+        synchronises with the device, so loggers read it at their own cadence."""
         return self._last_penalty
 
     def _capture_now(self) -> bool:
@@ -217,49 +219,55 @@ class ESSRegularizer:
     def __call__(self, splits: Any = None) -> torch.Tensor:
         """The penalty for the last forward (a scalar on the model's device); advances the schedule.
 
-        ``splits``: a ``[B, S]`` (or ``[S]``) index tensor: measure the last forward there instead."""
+        ``splits``: a ``[B, S]`` (or ``[S]``) index tensor: measure the last forward there instead.
+        A call that raises leaves the schedule and the captured operators as they were."""
         if self._attached:
             raise RuntimeError(
                 "this ESSRegularizer is attached: its gradient is applied inside loss.backward(); "
                 "do not also add reg() to the loss (call detach() to use it as a loss term)"
             )
-        try:
-            if not self._any_weight() or not self.is_active():
-                self._last_penalty = torch.zeros((), device=self._device())
-                return self._last_penalty
-            if not self._handles:
-                raise RuntimeError(
-                    "this ESSRegularizer's hooks were removed (remove() or the end of its with-block), "
-                    "so it has nothing to penalize; create a new one, or call attach() to hook the "
-                    "model again")
-            if not self._pending and self._not_causal:
-                raise RuntimeError(
-                    f"reg() found no operator: every regularized layer computed a non-causal operator "
-                    f"in the last forward ({', '.join(map(repr, self._not_causal))}: "
-                    f"{next(iter(self._not_causal.values()))}); pass a causal mask, or leave these "
-                    "layers out with modules=")
-            if not self._pending:
-                raise RuntimeError(
-                    "reg() found no operator from a forward since the last reg(): call it after the "
-                    "model's forward, with gradients enabled (under torch.no_grad() or reentrant "
-                    "activation checkpointing (use_reentrant=True) the hooks see no graph and capture "
-                    "nothing; use use_reentrant=False)")
-            pending, self._pending = self._pending, {}
-            self._not_causal = {}
-            layers = len(pending)
-            terms = [self._layer_term(name, op, 1.0 / (layers * len(ops)),
-                                      at if splits is None else splits)
-                     for name, ops in pending.items() for op, at in ops]
-            for name, ops in pending.items():
-                self.operators[name] = _detached(ops[-1][0])
-            penalty = torch.stack([t.to(terms[0].device) for t in terms]).sum()
-            self._last_penalty = penalty.detach()
-            return penalty
-        finally:
-            self._micro_steps += 1
-            if self._micro_steps >= self.accumulation_steps:
-                self._micro_steps = 0
-                self.advance()
+        if not self._any_weight() or not self.is_active():
+            penalty = torch.zeros((), device=self._device())
+        else:
+            penalty = self._penalty_of_last_forward(splits)
+        self._micro_steps += 1
+        self._micro_sum = penalty.detach() / self.accumulation_steps + (
+            0 if self._micro_sum is None else self._micro_sum.to(penalty.device))
+        if self._micro_steps >= self.accumulation_steps:  # the optimizer step is complete
+            self._last_penalty, self._micro_sum, self._micro_steps = self._micro_sum, None, 0
+            self.advance()
+        return penalty
+
+    def _penalty_of_last_forward(self, splits: Any) -> torch.Tensor:
+        if not self._handles:
+            raise RuntimeError(
+                "this ESSRegularizer's hooks were removed (remove() or the end of its with-block), "
+                "so it has nothing to penalize; create a new one, or call attach() to hook the "
+                "model again")
+        if not self._pending and self._not_causal:
+            raise RuntimeError(
+                f"reg() found no operator: every regularized layer computed a non-causal operator "
+                f"in the last forward ({', '.join(map(repr, self._not_causal))}: "
+                f"{next(iter(self._not_causal.values()))}); pass a causal mask, or leave these "
+                "layers out with modules=")
+        if not self._pending:
+            raise RuntimeError(
+                "reg() found no operator from a forward since the last reg(): call it after the "
+                "model's forward, with gradients enabled (under torch.no_grad() or reentrant "
+                "activation checkpointing (use_reentrant=True) the hooks see no graph and capture "
+                "nothing; use use_reentrant=False)")
+        if splits is not None:  # checked before anything is consumed
+            for ops in self._pending.values():
+                for op, _ in ops:
+                    batch_splits(splits, op.seq_len)
+        pending = self._pending
+        layers = len(pending)
+        terms = [self._layer_term(name, op, 1.0 / (layers * len(ops)), at if splits is None else splits)
+                 for name, ops in pending.items() for op, at in ops]
+        self._pending, self._not_causal = {}, {}
+        for name, ops in pending.items():
+            self.operators[name] = _detached(ops[-1][0])
+        return torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
     def _layer_term(self, name: str, op: Operator, share: float, splits: Any = None) -> torch.Tensor:
         value = self.utilization(op, splits)
@@ -388,7 +396,8 @@ class ESSRegularizer:
         operators or a grad scaler."""
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("operators", "generator", "_grad_scaler", "_split_cache", "_pending", "_calls",
-                              "_step_terms", "_last_penalty")}
+                              "_step_terms", "_last_penalty", "_micro_sum", "_not_causal")}
+        _require_picklable(self)
         state["generator_state"] = self.generator.get_state()
         return state
 
@@ -399,6 +408,7 @@ class ESSRegularizer:
         self.generator.set_state(generator_state)
         self.operators, self._grad_scaler, self._split_cache = {}, None, {}
         self._pending, self._calls, self._step_terms, self._last_penalty = {}, {}, [], None
+        self._micro_sum, self._not_causal = None, {}
 
     def __repr__(self) -> str:
         mode = "attached" if self._attached else "loss-term"
@@ -442,6 +452,34 @@ _REENTRANT = (
     "(torch.utils.checkpoint(..., use_reentrant=True), or a model's gradient_checkpointing_enable() "
     "with use_reentrant=True), whose forward runs without gradients. Use use_reentrant=False "
     "(e.g. gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))")
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain data: callables by their repr, tensors as lists."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if callable(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _require_picklable(reg: ESSRegularizer) -> None:
+    """Name the option that keeps a regularizer (and the model it hooks) from pickling."""
+    import pickle
+
+    for option in ("weight", "target", "splits", "schedule"):
+        value = getattr(reg, option)
+        if callable(value) and not isinstance(value, torch.Tensor):
+            try:
+                pickle.dumps(value)
+            except Exception:  # lambdas, local functions, closures
+                raise TypeError(
+                    f"ESSRegularizer cannot be pickled (nor the model it hooks): its {option}= is "
+                    f"{value!r}, which pickle cannot save; use a module-level function or a class "
+                    "such as ess_reg.tasks.BoundarySplits, or reg.remove() before saving the model"
+                ) from None
 
 
 def _no_penalty(leaves: list[torch.Tensor]) -> torch.Tensor:

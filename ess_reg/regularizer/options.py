@@ -22,14 +22,15 @@ _SCHEDULES = ("constant", "linear_decay", "cosine_decay")
 
 def check_target(target: Any, where: str = "target") -> None:
     """Raise a ValueError naming ``where`` unless ``target`` is a valid target."""
-    if target in ("max", "min"):
+    if isinstance(target, str) and target in ("max", "min"):
         return
-    if isinstance(target, int | float) and not isinstance(target, bool) and math.isfinite(target):
+    number = as_number(target)
+    if number is not None and math.isfinite(number):
         return
-    if (isinstance(target, tuple | list) and len(target) == 2 and target[0] == "at_least"
-            and isinstance(target[1], int | float) and not isinstance(target[1], bool)
-            and math.isfinite(target[1]) and target[1] >= 0):
-        return
+    if isinstance(target, tuple | list) and len(target) == 2 and target[0] == "at_least":
+        floor = as_number(target[1])
+        if floor is not None and math.isfinite(floor) and floor >= 0:
+            return
     raise ValueError(f"{where} must be 'max', 'min', a finite number or ('at_least', u) with a finite "
                      f"u >= 0, got {target!r}")
 
@@ -37,13 +38,13 @@ def check_target(target: Any, where: str = "target") -> None:
 def target_term(target: Target, value: torch.Tensor, normalize: bool) -> torch.Tensor:
     """``f(v)`` of one layer: ``1 - v`` (``-v`` unnormalized) for ``"max"``, ``v`` for ``"min"``,
     ``(v - t)^2`` for a float ``t``, ``relu(u - v)`` for ``("at_least", u)``."""
-    if target == "max":
+    if isinstance(target, str) and target == "max":
         return (1 - value) if normalize else -value
-    if target == "min":
+    if isinstance(target, str) and target == "min":
         return value
     if isinstance(target, tuple | list):
-        return torch.relu(float(target[1]) - value)
-    return (value - float(target)) ** 2
+        return torch.relu(as_number(target[1]) - value)
+    return (value - as_number(target)) ** 2
 
 
 def per_layer(value: PerLayer, names: Sequence[str], what: str, check: Callable[[Any, str], None],

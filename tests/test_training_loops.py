@@ -345,19 +345,21 @@ def test_last_penalty_agrees_across_modes_and_state_dict_round_trips():
         twin.load_state_dict({"step": 1})
 
 
+@pytest.mark.parametrize("kind", ["gla", "hf_mamba"])
 @pytest.mark.parametrize("mode", ["loss_term", "attached"])
-def test_plain_loop_save_and_resume_is_bit_identical(tmp_path, mode):
+def test_plain_loop_save_and_resume_is_bit_identical(tmp_path, mode, kind):
     """Model, optimizer (with the ESS schedule inside ESSOptimizer) and RNG saved at step 3 of 6."""
+    length = 24 if kind == "gla" else 8
 
     def build():
-        model = _model()
+        model = _model() if kind == "gla" else _hf_mamba()
         reg = ESSRegularizer(model, weight=0.5, splits=3, every_n_steps=2)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         return model, reg, (ESSOptimizer(opt, reg) if mode == "attached" else opt)
 
     def step(model, reg, opt, i):
         opt.zero_grad()
-        loss = _loss(model, _ids(seed=10 + i))
+        loss = _logits_loss(model, _ids(seed=10 + i, length=length))
         (loss if mode == "attached" else loss + reg()).backward()
         opt.step()
 
@@ -425,3 +427,23 @@ def test_gradient_accumulation_agrees_across_modes():
         grads[mode] = [p.grad.clone() for p in model.parameters()]
     for a, b in zip(grads["loss_term"], grads["attached"], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["loss_term", "attached"])
+def test_hf_gradient_checkpointing_keeps_penalty_and_gradients(mode):
+    """transformers' own gradient_checkpointing_enable (non-reentrant) on a small Mamba."""
+    ids = _ids(length=8)
+    grads = {}
+    for checkpointed in (False, True):
+        model = _hf_mamba()
+        model.train()
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reg = ESSRegularizer(model, weight=1.0, splits=3)
+        if mode == "attached":
+            reg.attach()
+        loss = _logits_loss(model, ids)
+        (loss + reg() if mode == "loss_term" else loss).backward()
+        grads[checkpointed] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    for a, b in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)

@@ -16,6 +16,7 @@ from ess_reg.functional import (
 from ess_reg.operators import DenseOperator, DiagonalRealization, NotCausalError, Operator
 from ess_reg.optim import ESSOptimizer
 from ess_reg.regularizer import ESSRegularizer, TransitionPenalty
+from ess_reg.sizing import state_size_needed
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "set_memory_budget",
     "split_singular_values",
     "split_spectrum",
+    "state_size_needed",
     "theoretical_state_size",
     "total_ess",
     "utilization",

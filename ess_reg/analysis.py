@@ -19,6 +19,7 @@ from ess_reg.functional import (
     utilization_from_curve,
 )
 from ess_reg.functional.ess import SAMPLED_DENSE_SPLITS, _is_long_dense
+from ess_reg.sizing import needed_from_spectrum
 
 
 @dataclass
@@ -30,6 +31,8 @@ class LayerReport:
     (or ESS / ``min(i, L - i)`` without a finite state). ``ess_per_kv``: ``total_ess / kv_pairs``
     for MQAR. ``splits`` and ``curve``: the mean entropy-ESS at each split, for plots.
     ``sampled_by_default``: evenly spaced splits stood in for all of them (a long dense layer).
+    ``needed_state``: :func:`ess_reg.state_size_needed` at its defaults (tolerance 1e-2, the 0.95
+    quantile over splits, channels and examples).
     """
 
     name: str
@@ -44,10 +47,22 @@ class LayerReport:
     splits: np.ndarray
     curve: np.ndarray
     sampled_by_default: bool = False
+    needed_state: int | None = None
 
     @property
     def label(self) -> str:
         return f"{self.name} ({self.mixer})"
+
+    @property
+    def state_verdict(self) -> str:
+        """One line on the state size: shrink, grow, or leave it."""
+        if self.tss is None or self.needed_state is None:
+            return "no finite state (attention keeps every token)"
+        if self.needed_state >= self.tss:
+            return f"saturated: needs all {self.tss} of its state; grow the state"
+        if self.needed_state <= self.tss // 2:
+            return f"could shrink from {self.tss} to ~{self.needed_state}"
+        return f"uses most of its state ({self.needed_state} of {self.tss})"
 
 
 def layer_report(
@@ -75,6 +90,7 @@ def layer_report(
         index = resolve_splits(SAMPLED_DENSE_SPLITS if sampled else splits, op.seq_len)
         sigma = split_spectrum(op, splits=index).values
         curve = entropy_ess(sigma)  # [B, C, S]
+        needed = needed_from_spectrum(sigma)
         total = float(curve.mean(-1).sum(-1).mean())
         reports.append(LayerReport(
             name=name,
@@ -89,21 +105,25 @@ def layer_report(
             splits=index.numpy(),
             curve=curve.mean(dim=tuple(range(curve.dim() - 1))).numpy(),
             sampled_by_default=sampled,
+            needed_state=needed,
         ))
     return reports
 
 
 def format_reports(reports: list[LayerReport]) -> str:
     """Plain-text table of layer reports."""
-    header = ("layer", "mixer", "TSS/ch", "channels", "ESS ent", "ESS tol", "total ESS",
-              "utilization", "ESS/kv")
+    header = ("layer", "mixer", "TSS/ch", "needed state", "channels", "ESS ent", "ESS tol",
+              "total ESS", "utilization", "ESS/kv")
     rows = [
-        (r.name, r.mixer, "-" if r.tss is None else str(r.tss), str(r.channels),
+        (r.name, r.mixer, "-" if r.tss is None else str(r.tss),
+         "-" if r.needed_state is None else str(r.needed_state), str(r.channels),
          f"{r.entropy_ess:.2f}", f"{r.tolerance_ess:.2f}", f"{r.total_ess:.1f}",
          f"{r.utilization:.3f}", "-" if r.ess_per_kv is None else f"{r.ess_per_kv:.2f}")
         for r in reports
     ]
-    return format_table(header, rows)
+    verdicts = "\n".join(f"  {r.name}: {r.state_verdict}" for r in reports)
+    return (format_table(header, rows) + "\nneeded state: tolerance-ESS at 1e-2 (0.95 quantile over "
+            "splits, channels, examples)\n" + verdicts)
 
 
 @dataclass

@@ -63,8 +63,13 @@ def operator_state_needed(op: Operator, *, tol: float = 1e-2, quantile: float = 
         splits = SAMPLED_DENSE_SPLITS
     index = resolve_splits(splits, op.seq_len)
     with torch.no_grad():
-        sigma = split_spectrum(op, splits=index).values
-        counts = tolerance_ess(sigma, tol, relative=True).flatten().double()
+        return needed_from_spectrum(split_spectrum(op, splits=index).values, tol=tol, quantile=quantile)
+
+
+def needed_from_spectrum(values: torch.Tensor, *, tol: float = 1e-2, quantile: float = 0.95) -> int:
+    """The ``quantile`` of the tolerance-ESS of split spectra ``values`` ``[..., S, R]``."""
+    with torch.no_grad():
+        counts = tolerance_ess(values, tol, relative=True).flatten().double()
     if counts.numel() == 0:
         return 0
     ordered = counts.sort().values

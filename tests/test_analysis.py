@@ -34,3 +34,24 @@ def test_layers_with_a_small_state_and_short_attention_keep_all_splits():
 def test_explicit_splits_win():
     (report,) = _reports("sa", 300, splits=5)
     assert len(report.splits) == 5 and not report.sampled_by_default
+
+
+def test_needed_state_column_and_verdicts():
+    import torch
+
+    from ess_reg import state_size_needed
+    from ess_reg.analysis import LayerReport, format_reports, layer_report
+    from ess_reg.models import SequenceModel
+
+    torch.manual_seed(0)
+    model = SequenceModel(["gla", "s6"], d_model=32, n_layers=2, vocab_size=64)
+    ids = torch.randint(0, 64, (4, 32))
+    reports = layer_report(model, ids)
+    assert {r.name: r.needed_state for r in reports} == state_size_needed(model, ids)
+    text = format_reports(reports)
+    assert "needed state" in text and "blocks.1.mixer:" in text
+    base = dict(name="x", mixer="s6", channels=1, entropy_ess=1.0, tolerance_ess=1.0, total_ess=1.0,
+                utilization=0.1, ess_per_kv=None, splits=None, curve=None)
+    assert LayerReport(tss=64, needed_state=12, **base).state_verdict == "could shrink from 64 to ~12"
+    assert LayerReport(tss=16, needed_state=16, **base).state_verdict.startswith("saturated")
+    assert LayerReport(tss=None, needed_state=None, **base).state_verdict.startswith("no finite state")

@@ -8,12 +8,14 @@ S4D schemes describe. Registered on first use for the packages this process has 
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
 from torch import nn
 
-from init_schemes.registry import _DT_RANGES, CANDIDATES, DEFAULTS, SCHEMES, Apply, _range, _s6, _ssd
+from ess_reg.mixers import SelectiveSSM, StateSpaceDuality
+from init_schemes.registry import _DT_RANGES, CANDIDATES, DEFAULTS, SCHEMES, Apply, _range
 from init_schemes.s4d import log_uniform_, s4d_modes
 
 _DONE: set[str] = set()
@@ -36,16 +38,12 @@ def _s5(scheme: str, dt: tuple[float, float] = (1e-3, 1e-1)) -> Apply:
     return apply
 
 
-def _register_selective(cls: type) -> None:
-    SCHEMES["mamba"][cls] = DEFAULTS[cls] = _s6()
-    CANDIDATES[cls] = [(f"mamba A=-{a:g}*(1..N) dt={_range(dt)}", _s6(dt, a))
-                       for a in (1.0, 0.25) for dt in (*_DT_RANGES, (1e-1, 1.0))]
-
-
-def _register_mamba2(cls: type) -> None:
-    SCHEMES["mamba"][cls] = SCHEMES["mamba2"][cls] = DEFAULTS[cls] = _ssd()
-    CANDIDATES[cls] = [(f"mamba2 A~U({_range(ar)}) dt={_range(dt)}", _ssd(ar, dt))
-                       for ar in ((1.0, 16.0), (1.0, 4.0), (0.1, 1.0)) for dt in _DT_RANGES[:2]]
+def _like(cls: type, reference: type) -> None:
+    """``cls`` owns the parameters ``reference`` owns: the same schemes, default and candidates."""
+    for table in SCHEMES.values():
+        if reference in table:
+            table[cls] = table[reference]
+    DEFAULTS[cls], CANDIDATES[cls] = DEFAULTS[reference], CANDIDATES[reference]
 
 
 def _register_s5(cls: type) -> None:
@@ -56,31 +54,26 @@ def _register_s5(cls: type) -> None:
                        for s in ("legs", "lin", "inv", "real") for dt in _DT_RANGES]
 
 
+#: package -> (module, class, register) for each layer it defines.
+_LAYERS = {
+    "transformers": (("transformers.models.mamba.modeling_mamba", "MambaMixer",
+                      lambda cls: _like(cls, SelectiveSSM)),
+                     ("transformers.models.mamba2.modeling_mamba2", "Mamba2Mixer",
+                      lambda cls: _like(cls, StateSpaceDuality))),
+    "mambapy": (("mambapy.mamba", "MambaBlock", lambda cls: _like(cls, SelectiveSSM)),),
+    "s5": (("s5", "S5", _register_s5),),
+}
+
+
 def register_available_schemes() -> None:
     """Add the schemes of the third-party layers whose packages are imported (cheap when done)."""
-    if "transformers" not in _DONE and "transformers" in sys.modules:
-        _DONE.add("transformers")
-        try:
-            from transformers.models.mamba.modeling_mamba import MambaMixer
-            from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
-        except ImportError:
-            pass
-        else:
-            _register_selective(MambaMixer)
-            _register_mamba2(Mamba2Mixer)
-    if "mambapy" not in _DONE and "mambapy" in sys.modules:
-        _DONE.add("mambapy")
-        try:
-            from mambapy.mamba import MambaBlock
-        except ImportError:
-            pass
-        else:
-            _register_selective(MambaBlock)
-    if "s5" not in _DONE and "s5" in sys.modules:
-        _DONE.add("s5")
-        try:
-            from s5 import S5
-        except ImportError:
-            pass
-        else:
-            _register_s5(S5)
+    for package, layers in _LAYERS.items():
+        if package in _DONE or package not in sys.modules:
+            continue
+        _DONE.add(package)
+        for module, name, register in layers:
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):  # another version of the package
+                continue
+            register(cls)

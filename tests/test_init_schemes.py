@@ -348,6 +348,8 @@ def test_ess_init_covers_third_party_layers(kind):
             assert torch.equal(value, before[name]), name
     named = ess_init(model, probe=probe, scheme="mamba" if "mamba" in kind else "s4d_lin", verbose=False)
     assert all(not e.scheme.startswith("unchanged") for e in named.layers)
+    default = ess_init(model, probe=probe, scheme="default", verbose=False)
+    assert all(not e.scheme.startswith("unchanged") for e in default.layers)
     twin = _third_party_model(kind)
     named_apply(init_weights_ess, twin)  # the reference scheme reaches third-party layers too
     changed = [n for n, p in twin.named_parameters() if n.endswith(_OWNED_THIRD_PARTY[kind])]

@@ -369,11 +369,14 @@ class ESSRegularizer:
     def attached(self) -> bool:
         return self._attached
 
-    def _grad_scale(self) -> float:
+    def _grad_scale(self) -> float | torch.Tensor:
+        """The loss scale of the GradScaler: its device tensor when it has one (reading it as a
+        float would make the backward pass wait for the device), else a float."""
         scaler = self._grad_scaler
         if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
             return 1.0
-        return float(scaler.get_scale())
+        scale = getattr(scaler, "_get_scale_async", lambda: None)()
+        return float(scaler.get_scale()) if scale is None else scale
 
     def remove(self) -> None:
         """Remove all hooks and drop kept operators."""

@@ -324,24 +324,23 @@ def _metrics_so_far(path: Path, step: int) -> list[dict[str, Any]]:
 
 
 def _penalty_state(penalty: Any) -> dict[str, Any] | None:
-    """The regularizer's schedule position and split generator (``None`` without a regularizer)."""
+    """The penalty's own ``state_dict`` (schedule position, split sampler), None without one; the
+    sampler's state is stored under ``"generator"``, the checkpoint format's key."""
     if penalty is None:
         return None
-    state: dict[str, Any] = {}
-    if hasattr(penalty, "step_count"):
-        state["step_count"] = int(penalty.step_count)
-    if isinstance(getattr(penalty, "generator", None), torch.Generator):
-        state["generator"] = penalty.generator.get_state()
+    state = dict(penalty.state_dict())
+    if "generator_state" in state:
+        state["generator"] = state.pop("generator_state")
     return state
 
 
 def _load_penalty_state(penalty: Any, state: dict[str, Any] | None) -> None:
     if penalty is None or state is None:
         return
-    if "step_count" in state:
-        penalty.step_count = state["step_count"]
+    state = dict(state)
     if "generator" in state:
-        penalty.generator.set_state(state["generator"])
+        state["generator_state"] = state.pop("generator")
+    penalty.load_state_dict(state)
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -388,17 +387,11 @@ class CombinedPenalty:
     def __call__(self) -> torch.Tensor:
         return self.ess() + self.transition().to(self.ess._device())
 
-    @property
-    def step_count(self) -> int:
-        return self.ess.step_count
+    def state_dict(self) -> dict[str, Any]:
+        return self.ess.state_dict()
 
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self.ess.step_count = value
-
-    @property
-    def generator(self) -> torch.Generator:
-        return self.ess.generator
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ess.load_state_dict(state)
 
     def remove(self) -> None:
         self.ess.remove()

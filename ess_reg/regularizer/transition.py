@@ -56,6 +56,13 @@ class TransitionPenalty:
         self.transitions = {}
         return self.weight * torch.stack(terms).mean()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to save (no schedule); for loops that checkpoint every penalty alike."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Accepts what :meth:`state_dict` gave."""
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -199,6 +199,7 @@ def train_one(run: Run, folder: str) -> dict[str, Any]:
         else:
             print(f"  {run.key}: the grid changed since its checkpoint; starting it again", flush=True)
     last = train(config, progress=False, overwrite=not resumed, resume=resumed)
+    sizes = layer_sizes(folder, config)
     metric = last.get("metric", {})
     utilization = {k[: -len("/utilization")]: v for k, v in metric.items() if k.endswith("/utilization")}
     return {"key": run.key, "setting": run.setting, "cell": run.cell, "seed": run.seed,
@@ -208,7 +209,25 @@ def train_one(run: Run, folder: str) -> dict[str, Any]:
             "layer_utilization": utilization, "ess": last.get("ess", {}),
             "reg_loss": last.get("reg_loss"), "loss": last.get("loss"),
             "seconds": time.perf_counter() - start, "resumed": resumed,
-            "train_seconds": last.get("elapsed_s")}
+            "train_seconds": last.get("elapsed_s"), "metric": metric, "layers": sizes,
+            **({"test_distill_kl": last["test_distill_kl"]} if "test_distill_kl" in last else {})}
+
+
+def layer_sizes(folder: str, config: Any) -> dict[str, dict[str, Any]]:
+    """Per layer of the trained model in ``folder``: ``channels``, ``tss`` per channel (None without a
+    finite state) and ``needed``, ``ess_reg.state_size_needed``'s state at its defaults, all on the
+    first ``config.ess_examples`` test examples (the ones its ESS was measured on)."""
+    import torch
+
+    from ess_reg import capture_operators, theoretical_state_size
+    from ess_reg.sizing import operator_state_needed
+    from ess_reg.training import load_run, make_test_task
+
+    model, _ = load_run(folder)
+    with torch.no_grad():
+        operators = capture_operators(model, make_test_task(config).inputs[: config.ess_examples])
+    return {name: {"channels": op.num_channels, "tss": theoretical_state_size(op),
+                   "needed": operator_state_needed(op)} for name, op in operators.items()}
 
 
 # -- report -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from ess_reg.capture import capture_operators, register_extractor
 from ess_reg.diagnostics import diagnose
+from ess_reg.distill import distillation_loss
 from ess_reg.functional import (
     average_ess,
     ess_curve,
@@ -41,6 +42,7 @@ __all__ = [
     "average_ess",
     "capture_operators",
     "diagnose",
+    "distillation_loss",
     "ess_curve",
     "memory_budget",
     "register_extractor",

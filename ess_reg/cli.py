@@ -155,6 +155,13 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
                             "(the transition penalty stays constant)")
     train.add_argument("--reg-transition-weight", type=float, default=defaults.reg_transition_weight,
                        help="add the paper's ||A - I||_F penalty with this weight (with any --reg-kind)")
+    train.add_argument("--teacher", metavar="RUN", default=defaults.teacher,
+                       help="distil: train against the predictions of the model in run folder RUN "
+                            "(same task settings), with distillation_loss on the scored positions")
+    train.add_argument("--distill-temperature", type=_positive_float, default=defaults.distill_temperature,
+                       help="temperature of the softened distributions (with --teacher)")
+    train.add_argument("--distill-weight", type=float, default=defaults.distill_weight,
+                       help="loss = W * distillation + (1 - W) * cross-entropy (with --teacher; default 1)")
     train.add_argument("--checkpoint-every", type=_positive, default=defaults.checkpoint_every,
                        metavar="N", help="save RUN/checkpoint.pt every N steps and at the end "
                                          "(default: at every evaluation, i.e. every --log-every steps)")

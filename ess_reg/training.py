@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ess_reg.analysis import layer_report
 from ess_reg.capture import capture_operators
+from ess_reg.distill import distillation_loss
 from ess_reg.metric import ESSMetric
 from ess_reg.models import AutoEncoderModel, SequenceModel
 from ess_reg.plots import plot_ess_curves, plot_training
@@ -59,6 +60,9 @@ class TrainConfig:
     init: str = "none"
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint_every: int | None = None  # steps between checkpoints; None: at every evaluation
+    teacher: str | None = None  # a run folder: train by distillation from that run's model
+    distill_temperature: float = 2.0  # of the softened distributions (distillation_loss)
+    distill_weight: float = 1.0  # loss = w * distillation + (1 - w) * task cross-entropy
 
     def mixers(self) -> str | list[str]:
         names = [m.strip() for m in self.mixer.split(",") if m.strip()]
@@ -76,6 +80,11 @@ def make_task(config: TrainConfig, num_examples: int, seed: int) -> SyntheticTas
     if config.task == "compression":
         return TASKS["compression"](num_examples, config.seq_len, config.vocab_size, seed=seed)
     raise ValueError(f"task must be one of {sorted(TASKS)}, got {config.task!r}")
+
+
+def make_test_task(config: TrainConfig) -> SyntheticTask:
+    """The run's held-out examples (their own seed, never the training examples')."""
+    return make_task(config, config.test_examples, seed=config.seed + 1_000_003)
 
 
 def make_model(config: TrainConfig) -> torch.nn.Module:
@@ -123,6 +132,7 @@ class _Run:
     schedule: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     penalty: Any
+    teacher: torch.nn.Module | None = None  # frozen; not part of the checkpoint (config.teacher is)
     step: int = 0
     elapsed: float = 0.0
 
@@ -164,13 +174,14 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     train_set = make_task(config, config.train_examples, seed=config.seed)
-    test_set = make_task(config, config.test_examples, seed=config.seed + 1_000_003)
+    test_set = make_test_task(config)
     model = make_model(config).to(device)
     if checkpoint is None and config.init != "none":
         _initialize(model, config, train_set.inputs[:8].to(device), out, progress)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     run = _Run(config, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config)),
-               torch.Generator().manual_seed(config.seed), make_penalty(model, config))
+               torch.Generator().manual_seed(config.seed), make_penalty(model, config),
+               teacher=load_teacher(config))
     if checkpoint is not None:
         run.load_state_dict(checkpoint)
     records = _metrics_so_far(out / "metrics.jsonl", run.step)
@@ -184,6 +195,36 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
     save_curve_plot(report, out / "ess_curves.png", config.seq_len,
                     f"ESS after training ({config.mixer}, {config.task})")
     return records[-1]
+
+
+#: Per task, the fields a teacher and its student must share: they see examples of one kind.
+TASK_FIELDS = {"mqar": ("seq_len", "kv_pairs", "vocab_size"),
+               "selective_copying": ("seq_len", "copy_tokens", "vocab_size"),
+               "compression": ("seq_len", "vocab_size")}
+
+
+def load_teacher(config: TrainConfig) -> torch.nn.Module | None:
+    """The frozen model of the run folder ``config.teacher`` (None without one), on ``config.device``;
+    its task must be the student's (:data:`TASK_FIELDS`)."""
+    if config.teacher is None:
+        return None
+    try:
+        teacher, teacher_config = load_run(config.teacher, device=config.device)
+    except ValueError as error:
+        raise ValueError(f"teacher {config.teacher!r}: {error}") from None
+    path = Path(config.teacher)
+    state = torch.load(path / "checkpoint.pt" if path.is_dir() else path, map_location="cpu",
+                       weights_only=True)
+    if "step" in state and int(state["step"]) < teacher_config.steps:
+        raise ValueError(f"teacher {config.teacher!r} is unfinished (step {int(state['step'])} of "
+                         f"{teacher_config.steps}); finish it first: ess-reg train --resume {config.teacher}")
+    fields = ("task", *TASK_FIELDS.get(config.task, ()))
+    differ = [f"{name} {getattr(teacher_config, name)!r} vs {getattr(config, name)!r}"
+              for name in fields if getattr(teacher_config, name) != getattr(config, name)]
+    if differ:
+        raise ValueError(f"teacher {config.teacher!r} was trained on another task than the student "
+                         f"(teacher vs student: {'; '.join(differ)}); give the student the teacher's task")
+    return teacher.requires_grad_(False).eval()
 
 
 def resume_config(run: str | Path, **changes: Any) -> TrainConfig:
@@ -214,7 +255,7 @@ def _loop(run: _Run, train_set: SyntheticTask, test_set: SyntheticTask, records:
             record = {"step": step, "loss": task_loss.item(), "lr": run.schedule.get_last_lr()[0],
                       **({} if reg_loss is None else {"reg_loss": reg_loss.item()}),
                       "train_accuracy": float(accuracy(logits.detach(), targets)),
-                      **_evaluate(run.model, test_set, config, device),
+                      **_evaluate(run.model, test_set, config, device, run.teacher),
                       "elapsed_s": round(time.perf_counter() - start, 2)}
             records.append(record)
             with (out / "metrics.jsonl").open("a") as fh:
@@ -238,9 +279,17 @@ def _step(run: _Run, train_set: SyntheticTask, device: torch.device):
     index = torch.randint(len(train_set), (run.config.batch_size,), generator=run.generator)
     inputs, targets = train_set.inputs[index].to(device), train_set.targets[index].to(device)
     logits = run.model(inputs)
-    task_loss = loss_fn(logits, targets)
+    task_loss = loss = loss_fn(logits, targets)
+    if run.teacher is not None:
+        with torch.no_grad():
+            teacher_logits = run.teacher(inputs)
+        weight = run.config.distill_weight
+        loss = weight * distillation_loss(logits, teacher_logits, targets,
+                                          temperature=run.config.distill_temperature)
+        if weight < 1:
+            loss = loss + (1 - weight) * task_loss
     reg_loss = run.penalty() if run.penalty is not None else None
-    loss = task_loss if reg_loss is None else task_loss + reg_loss
+    loss = loss if reg_loss is None else loss + reg_loss
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
@@ -441,16 +490,20 @@ def save_curve_plot(report, path: Path, seq_len: int, title: str) -> Path:
                            state_size=sizes.pop() if len(sizes) == 1 else None, title=title)
 
 
-def _evaluate(model, test_set, config, device) -> dict[str, Any]:
+def _evaluate(model, test_set, config, device, teacher=None) -> dict[str, Any]:
     model.eval()
     with torch.no_grad():
-        correct, total = 0.0, 0
+        correct, total, divergence = 0.0, 0, 0.0
         for start in range(0, len(test_set), 256):
             inputs = test_set.inputs[start:start + 256].to(device)
             targets = test_set.targets[start:start + 256].to(device)
-            batch_acc = accuracy(model(inputs), targets)
+            logits = model(inputs)
+            batch_acc = accuracy(logits, targets)
             correct += float(batch_acc) * inputs.shape[0]
             total += inputs.shape[0]
+            if teacher is not None:  # at temperature 1: the plain KL from the teacher's predictions
+                divergence += float(distillation_loss(logits, teacher(inputs), targets,
+                                                      temperature=1.0)) * inputs.shape[0]
     with torch.no_grad():
         operators = capture_operators(model, test_set.inputs[: config.ess_examples].to(device))
     metric = ESSMetric(kind="both", splits=config.ess_splits)
@@ -459,6 +512,7 @@ def _evaluate(model, test_set, config, device) -> dict[str, Any]:
     modules = dict(model.named_modules())
     label = {name: f"{name} ({modules[name].name})" for name in operators}
     return {"test_accuracy": correct / total,
+            **({} if teacher is None else {"test_distill_kl": divergence / total}),
             "ess": {label[n]: result[f"{n}/ess"] for n in operators},
             "ess_tolerance": {label[n]: result[f"{n}/ess_tolerance"] for n in operators},
             "metric": result}
@@ -521,6 +575,14 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError(f"init must be none, auto or one of {sorted(SCHEMES)}, got {config.init!r}")
     if config.lr <= 0:
         raise ValueError(f"lr must be > 0, got {config.lr}")
+    if config.teacher is not None and not isinstance(config.teacher, str):
+        raise ValueError(f"teacher must be a run folder (a string) or None, got {config.teacher!r}")
+    temperature = config.distill_temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"distill_temperature must be a finite number > 0, got {temperature!r}")
+    if not 0 <= config.distill_weight <= 1:
+        raise ValueError(f"distill_weight must be in [0, 1], got {config.distill_weight!r}")
     from ess_reg.mixers import MIXERS
 
     names = config.mixers()

@@ -172,6 +172,34 @@ def test_misuse_is_an_error_not_a_silent_zero():
     assert reg.operators
 
 
+def test_steps_without_the_penalty_leave_nothing_behind():
+    """A loop that adds reg() only on some steps: the forwards it skipped are dropped at the next
+    forward (no graph kept between steps, no 'backward through the graph a second time'), and the
+    penalty equals that of a fresh regularizer on the same forward."""
+    model, ids = _model(), _ids()
+    reg = ESSRegularizer(model, weight=0.1, splits=[3, 9, 15])
+    for step in range(4):
+        loss = _loss(model, ids)
+        if step % 2:
+            penalty = reg()
+            loss = loss + penalty
+        loss.backward()
+        if not step % 2:
+            assert reg._pending and not _graph_tensors(model)
+    fresh = ESSRegularizer(_model(), weight=0.1, splits=[3, 9, 15])
+    _loss(fresh.model, ids)
+    model.load_state_dict(fresh.model.state_dict())
+    _loss(model, ids)
+    torch.testing.assert_close(reg(), fresh(), rtol=1e-12, atol=0)
+    with torch.no_grad():  # a forward that captures nothing keeps what the last one captured
+        _loss(model, ids)
+    assert reg._pending == {}
+    _loss(model, ids)
+    with torch.no_grad():
+        _loss(model, ids)
+    reg()
+
+
 def test_a_forward_that_captured_nothing_names_reentrant_checkpointing():
     """Reentrant activation checkpointing runs the forward without a graph, like torch.no_grad()."""
     model, ids = _model(), _ids()

@@ -159,6 +159,33 @@ def test_unvalidated_operators_with_nan_are_refused_before_the_svd():
         ess_curve(DenseOperator(matrix, validate=False))
 
 
+def test_on_accelerators_a_non_finite_operator_gives_nan_without_a_host_check(monkeypatch):
+    """Off the CPU the finite check stays on the device (no host synchronisation): the values of a
+    non-finite operator become NaN (never a finite guess), those of a finite one are unchanged, and
+    gradients of a finite operator flow as before. Exercised on the CPU by forcing the deferred path."""
+    from ess_reg.functional import ess as ess_module
+
+    real = ess_module._finite_operator
+    monkeypatch.setattr(ess_module, "_finite_operator", lambda op: real(op, defer=True))
+    c, b, ld = random_realization(2, 8, 2)
+    for method in ("dense", "gramian"):
+        clean = DiagonalRealization(c, b, ld)
+        expected = split_singular_values(clean, method=method)
+        monkeypatch.undo()
+        torch.testing.assert_close(expected, split_singular_values(clean, method=method), rtol=0, atol=0)
+        monkeypatch.setattr(ess_module, "_finite_operator", lambda op: real(op, defer=True))
+        broken = c.clone()
+        broken[1, 3, 1] = float("nan")
+        curve = ess_curve(DiagonalRealization(broken, b, ld, validate=False), method=method)
+        assert torch.isnan(curve).all()
+    leaf = c.clone().requires_grad_(True)
+    ess_curve(DiagonalRealization(leaf, b, ld)).sum().backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+    matrix = random_causal(1, 6)
+    matrix[0, 4, 2] = float("inf")
+    assert torch.isnan(ess_curve(DenseOperator(matrix, validate=False))).all()
+
+
 def test_huge_finite_entries_are_not_mistaken_for_inf():
     matrix = torch.full((1, 8, 8), 1e307, dtype=torch.float64).tril()  # its sum overflows to inf
     curve = ess_curve(DenseOperator(matrix), "tolerance")

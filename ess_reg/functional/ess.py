@@ -70,7 +70,7 @@ def split_spectrum(
     compute = _check_dtype(dtype)
     index = resolve_splits(splits, op.seq_len)
     route = _route(op, index, method)
-    _require_finite_operator(op)
+    op, finite = _finite_operator(op)
     rank = max_block_rank(index, op.seq_len)
     if op.state_size is not None:
         rank = min(rank, op.state_size)
@@ -87,6 +87,8 @@ def split_spectrum(
     values = values * torch.exp2(-exponent)[..., None]
     log_scale = log_scale + exponent * LN2
     values = limit_gradient(values) if values.requires_grad else values
+    if finite is not None:  # accelerators: a non-finite operator gives NaN, never a finite guess
+        values = torch.where(finite, values, torch.nan)
     return SplitSpectrum(values.reshape(op.shape + values.shape[-2:]),
                          log_scale.reshape(op.shape + log_scale.shape[-1:]))
 
@@ -335,21 +337,35 @@ def _route(op: Operator, splits: torch.Tensor, method: str) -> str:
     return "dense"
 
 
-def _require_finite_operator(op: Operator) -> None:
-    """NaN/Inf must not reach the SVD (which can return finite garbage for them): one host sync.
+def _finite_operator(op: Operator, defer: bool | None = None) -> tuple[Operator, torch.Tensor | None]:
+    """NaN/Inf must not reach the SVD, which can return finite garbage for them.
 
-    A finite sum proves every entry finite (NaN and Inf propagate through it) in one pass; only a
-    non-finite sum, which huge finite entries can also cause, falls back to the entry-wise check.
+    On the CPU: a ``ValueError`` (a finite sum proves every entry finite, since NaN and Inf
+    propagate through it; only a non-finite sum, which huge finite entries can also cause, falls
+    back to the entry-wise check); returns ``(op, None)``. On an accelerator the check stays on the
+    device, so the training step never waits for the host: returns the operator with every tensor
+    zeroed if any entry is not finite, and the 0-dim flag with which the caller turns all its values
+    into NaN (a diverged layer then gives a NaN penalty, as its loss is NaN too). ``defer``
+    chooses between the two (default: defer off the CPU); an operator type without
+    :meth:`~ess_reg.Operator.rebuild` is always checked on the host.
     """
     tensors = [t.detach() for t in op.tensors()]
+    if op.device.type != "cpu" if defer is None else defer:
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        try:
+            return op.rebuild([torch.where(finite, t, torch.zeros((), dtype=t.dtype, device=t.device))
+                               for t in op.tensors()]), finite
+        except NotImplementedError:
+            pass
     if bool(torch.stack([torch.isfinite(t.sum()) for t in tensors]).all()):
-        return
+        return op, None
     finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
     if not bool(finite):
         raise ValueError(
             f"the {type(op).__name__} holds NaN or Inf values (a diverged layer?); ESS is undefined "
             "for it. Check the model's activations, or lower the learning rate"
         )
+    return op, None
 
 
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -8,7 +8,7 @@ import torch
 def entropy_ess(singular_values: torch.Tensor) -> torch.Tensor:
     """Entropy-ESS ``exp(-sum p log p)`` with ``p = sigma / sum(sigma)`` over the last dim.
 
-    ``[..., R] -> [...]``. An all-zero spectrum gives 0. Terms with ``p`` below
+    ``[..., R] -> [...]``. An all-zero spectrum gives 0, one holding NaN gives NaN. Terms with ``p`` below
     ``eps(dtype) * 1e-3`` are dropped from both value and gradient (their total contribution is
     below ``1e-15`` relative in float64), so gradients stay finite for rank-deficient blocks and
     repeated or zero singular values.
@@ -21,7 +21,7 @@ def entropy_ess(singular_values: torch.Tensor) -> torch.Tensor:
     safe = torch.where(present, p, torch.ones((), dtype=p.dtype, device=p.device))
     entropy = -(torch.where(present, p * torch.log(safe), 0)).sum(dim=-1)
     nonzero = total.squeeze(-1) > 0
-    return torch.where(nonzero, torch.exp(entropy), 0)
+    return _keep_nan(torch.where(nonzero, torch.exp(entropy), 0), singular_values)
 
 
 def tolerance_ess(
@@ -30,8 +30,13 @@ def tolerance_ess(
     """Tolerance-ESS: number of singular values ``> tol`` (``> tol * sigma_max`` if ``relative``).
 
     ``[..., R] -> [...]``, as floating point counts in the input dtype; piecewise constant, so it
-    carries no gradient. An all-zero spectrum gives 0.
+    carries no gradient. An all-zero spectrum gives 0, one holding NaN gives NaN.
     """
     sigma = singular_values.detach()
     threshold = tol * sigma.amax(dim=-1, keepdim=True) if relative else tol
-    return (sigma > threshold).sum(dim=-1).to(sigma.dtype)
+    return _keep_nan((sigma > threshold).sum(dim=-1).to(sigma.dtype), sigma)
+
+
+def _keep_nan(ess: torch.Tensor, singular_values: torch.Tensor) -> torch.Tensor:
+    """NaN where a spectrum holds NaN (a non-finite operator checked on the device)."""
+    return torch.where(torch.isnan(singular_values.detach()).any(dim=-1), torch.nan, ess)

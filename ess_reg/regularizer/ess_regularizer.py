@@ -11,6 +11,7 @@ from torch import nn
 
 from ess_reg.capture import hook_operators, recomputing
 from ess_reg.functional import entropy_ess, split_capacity, split_spectrum
+from ess_reg.functional.spectrum import _keep_nan
 from ess_reg.operators import Operator
 from ess_reg.regularizer.injection import _InjectPenalty
 from ess_reg.regularizer.options import (
@@ -25,9 +26,11 @@ from ess_reg.regularizer.options import (
     check_target,
     check_weight,
     per_layer,
+    sampled_batch_mean,
     schedule_factor,
     target_term,
 )
+from ess_reg.regularizer.sampling import check_max_operators, layer_generator, sample_operators
 from ess_reg.regularizer.selection import ModuleSelector, select_modules
 
 _KINDS = ("entropy", "soft_tolerance")
@@ -78,6 +81,10 @@ class ESSRegularizer:
         dtype: compute dtype of the singular values (float64 default).
         generator: ``torch.Generator`` for the split sampling (CPU).
         tol, temperature: of ``kind="soft_tolerance"``.
+        max_operators: at most this many of a layer's ``batch x channels`` operators enter each
+            step's penalty, drawn uniformly at random (per step and layer, from ``generator``): an
+            unbiased estimate of the layer's mean at a fraction of the cost on wide layers (a Mamba
+            block has ``d_inner`` channels per example). ``None`` (default): all of them.
 
     Use as ``loss = task_loss + reg()`` after each forward, or call :meth:`attach` (or wrap the
     optimizer in :class:`ess_reg.ESSOptimizer`) to apply the penalty's gradient inside
@@ -103,8 +110,11 @@ class ESSRegularizer:
         generator: torch.Generator | None = None,
         tol: float = 1e-3,
         temperature: float = 0.5,
+        max_operators: int | None = None,
     ) -> None:
         _check_config(kind, splits, every_n_steps, warmup_steps, dtype, tol, temperature)
+        self.max_operators = check_max_operators(max_operators)
+        self._sample_seed, self._sample_step = 0, -1
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or (
                 accumulation_steps < 1):
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
@@ -163,7 +173,8 @@ class ESSRegularizer:
                 "schedule": self.schedule, "total_steps": self.total_steps,
                 "accumulation_steps": self.accumulation_steps,
                 "every_n_steps": self.every_n_steps, "warmup_steps": self.warmup_steps,
-                "dtype": str(self.dtype), "tol": self.tol, "temperature": self.temperature}
+                "dtype": str(self.dtype), "tol": self.tol, "temperature": self.temperature,
+                "max_operators": self.max_operators}
         return {key: _plain(value) for key, value in options.items()}
 
     def factor(self, step: int | None = None) -> float:
@@ -199,7 +210,7 @@ class ESSRegularizer:
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator_state"])
         self._micro_steps = int(state.get("micro_steps", 0))
-        self._split_step = -1
+        self._split_step = self._sample_step = -1
 
     @property
     def last_penalty(self) -> torch.Tensor | None:
@@ -270,7 +281,8 @@ class ESSRegularizer:
         return torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
     def _layer_term(self, name: str, op: Operator, share: float, splits: Any = None) -> torch.Tensor:
-        value = self.utilization(op, splits)
+        sampled = self._sample(name, op)
+        value = self.utilization(op, splits) if sampled is None else self._utilization(*sampled, splits)
         self.values[name] = value.detach()
         term = target_term(self.layer_targets[name], value, self.normalize)
         return self.layer_weights[name] * self.factor() * share * term
@@ -278,6 +290,21 @@ class ESSRegularizer:
     def utilization(self, op: Operator, splits: Any = None) -> torch.Tensor:
         """``v``: ESS (or ESS / TSS when normalizing) averaged over this step's splits, channels
         and batch; differentiable. ``splits``: per-example ``[B, S]`` (or ``[S]``) indices instead."""
+        return self._utilization(op, None, splits)
+
+    def _sample(self, name: str, op: Operator) -> tuple[Operator, tuple[torch.Tensor, int] | None] | None:
+        """``max_operators`` of ``op``'s operators for this step (None: all count)."""
+        if self.max_operators is None or math.prod(op.shape) <= self.max_operators:
+            return None
+        if self._sample_step != self.step_count:  # one draw from the generator per step
+            self._sample_seed = int(torch.randint(2 ** 62, (), generator=self.generator))
+            self._sample_step = self.step_count
+        return sample_operators(op, self.max_operators, layer_generator(self._sample_seed, name))
+
+    def _utilization(self, op: Operator, rows: tuple[torch.Tensor, int] | None, splits: Any) -> torch.Tensor:
+        """:meth:`utilization` of a sampled operator ``[K]`` whose rows come from the batch elements
+        ``rows = (batch_index [K], batch)`` (None: ``op`` is the layer's whole operator, or a
+        sample of an operator without a batch dimension)."""
         if splits is None:
             index, per_example = self._splits_for(op.seq_len), None
         else:
@@ -289,6 +316,8 @@ class ESSRegularizer:
             ess = ess / split_capacity(op, index).to(ess.device, ess.dtype)
         if per_example is None:
             return ess.mean()
+        if rows is not None:
+            return sampled_batch_mean(ess, per_example, index, *rows)
         return batch_mean(ess, per_example, index, batched=len(op.shape) > 1)
 
     def _soft_count(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -297,7 +326,7 @@ class ESSRegularizer:
         present = sigma > 0
         ratio = torch.where(present, sigma / top.clamp_min(tiny), 1)
         soft = torch.sigmoid((torch.log(ratio) - math.log(self.tol)) / self.temperature)
-        return torch.where(present, soft, 0).sum(-1)
+        return _keep_nan(torch.where(present, soft, 0).sum(-1), sigma)
 
     def _splits_for(self, seq_len: int) -> torch.Tensor:
         if self.splits is None or callable(self.splits):  # a callable without a forward: all splits
@@ -431,6 +460,10 @@ class _StartForward:
             return
         reg = self.regularizer
         reg._calls = {}
+        if reg._capture_now():
+            # reg() penalises the last forward: operators of an earlier one that reg() never
+            # consumed (a step without the penalty) are dropped, with the graph they hold
+            reg._pending, reg._not_causal = {}, {}
         if callable(reg.splits) and reg._capture_now():
             first = args[0] if args else kwargs.get("input_ids", next(iter(kwargs.values()), None))
             splits = reg.splits(first)

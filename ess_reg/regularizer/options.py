@@ -163,3 +163,20 @@ def batch_mean(ess: torch.Tensor, index: torch.Tensor, union: torch.Tensor, batc
                          f"leading dimension is {ess.shape[0]}")
     flat = ess.reshape(batch, -1, ess.shape[-1])  # [B, C, U]
     return (flat * counts[:, None, :]).sum() / (counts.sum() * flat.shape[1])
+
+
+def sampled_batch_mean(ess: torch.Tensor, index: torch.Tensor, union: torch.Tensor,
+                       batch_index: torch.Tensor, batch: int) -> torch.Tensor:
+    """:func:`batch_mean` over a random subset of a batched layer's operators: ``ess`` ``[K, U]``,
+    row ``k`` from batch element ``batch_index[k]`` of the layer's ``batch``, each measured at its
+    own example's splits ``index`` ``[B, S]`` (or ``[S]`` for all). Every example has ``S``
+    splits, so this is an unbiased estimate of the full mean."""
+    counts = (index.reshape(-1, index.shape[-1], 1) == union.to(index.device)).sum(-2)  # [B or 1, U]
+    counts = counts.to(ess.device, ess.dtype)
+    if index.dim() == 1:
+        return (ess * counts[0]).sum() / (counts[0].sum() * ess.shape[0])
+    if index.shape[0] != batch:
+        raise ValueError(f"splits gave one row per example for a batch of {index.shape[0]}, but the "
+                         f"operator's leading dimension is {batch}")
+    weights = counts[batch_index.to(counts.device)]
+    return (ess * weights).sum() / weights.sum()

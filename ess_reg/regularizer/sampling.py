@@ -1,0 +1,60 @@
+"""Unbiased subsampling of a layer's operators: the penalty of a wide layer at a fraction of its cost.
+
+A layer's utilization is a mean over its ``batch x channels`` operators (and the step's splits), so
+the mean over a uniform random subset of them is an unbiased estimate of it; the regularizer's cost
+falls in proportion. The subset is drawn per step and per layer from a seed the regularizer's
+generator gives once per step, so the two modes (loss term, attached) pick the same operators
+whatever order they visit the layers in.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from ess_reg.operators import Operator
+
+
+def check_max_operators(value: object) -> int | None:
+    """``None`` (every operator) or an int >= 1; anything else is a ValueError naming the option."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_operators must be None (every operator) or an int >= 1, got {value!r}")
+    return value
+
+
+def layer_generator(step_seed: int, name: str) -> torch.Generator:
+    """A CPU generator for layer ``name`` in the step whose seed is ``step_seed``."""
+    return torch.Generator().manual_seed((step_seed + zlib.crc32(name.encode())) % 2 ** 63)
+
+
+def sample_operators(op: Operator, count: int, generator: torch.Generator
+                     ) -> tuple[Operator, tuple[torch.Tensor, int] | None] | None:
+    """``count`` of ``op``'s ``prod(op.shape)`` operators, drawn uniformly without replacement.
+
+    Returns ``(subset, rows)``: ``subset`` has shape ``[count]`` (the operator's batch and channel
+    dimensions flattened, in ascending order); ``rows`` is ``(batch_index, batch)``, the batch
+    element of each ``[count]`` (on the operator's device) and the batch size, or None for an
+    operator without a batch dimension.
+    None when ``op`` has at most ``count`` operators, or is a type that cannot be indexed
+    (a custom operator without :meth:`~ess_reg.Operator.rebuild`, or with tensors that do not all
+    lead with ``op.shape``): then every operator counts.
+    """
+    shape = tuple(op.shape)
+    total = 1
+    for size in shape:
+        total *= size
+    if total <= count:
+        return None
+    tensors = op.tensors()
+    if any(tuple(t.shape[: len(shape)]) != shape for t in tensors):
+        return None
+    rows = torch.randperm(total, generator=generator)[:count].sort().values  # on the CPU
+    index = tuple(i.to(op.device, non_blocking=True) for i in torch.unravel_index(rows, shape))
+    try:
+        subset = op.rebuild([t[index] for t in tensors])
+    except NotImplementedError:
+        return None
+    return subset, ((index[0], shape[0]) if len(shape) > 1 else None)

@@ -1,0 +1,130 @@
+"""``ESSRegularizer(max_operators=K)``: a uniform random subset of a layer's batch x channel
+operators per step, an unbiased estimate of the full penalty, equal in both modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ess_reg import DenseOperator, ESSRegularizer, capture_operators, ess_curve
+from ess_reg.functional import split_capacity
+from ess_reg.models import SequenceModel
+from ess_reg.regularizer.sampling import layer_generator, sample_operators
+
+VOCAB = 40
+SPLITS = [3, 8, 13, 19]
+
+
+def _model() -> SequenceModel:
+    torch.manual_seed(0)
+    return SequenceModel("gla", d_model=32, n_layers=2, vocab_size=VOCAB).double()  # 4 heads
+
+
+def _ids(batch: int = 6, length: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _per_operator_utilization(op, splits) -> torch.Tensor:
+    """``[B, C]``: each operator's entropy-ESS / capacity averaged over ``splits``."""
+    index = torch.tensor(splits)
+    return (ess_curve(op, splits=index) / split_capacity(op, index)).mean(-1)
+
+
+def test_more_room_than_operators_changes_nothing():
+    ids = _ids()
+    full = ESSRegularizer(_model(), splits=SPLITS)
+    roomy = ESSRegularizer(_model(), splits=SPLITS, max_operators=24)  # 6 examples x 4 heads
+    for reg in (full, roomy):
+        reg.model(ids)
+    assert torch.equal(full(), roomy())
+    assert roomy.generator.get_state().equal(torch.Generator().manual_seed(0).get_state())  # nothing drawn
+
+
+def test_the_sample_is_the_mean_over_the_drawn_operators_and_unbiased():
+    ids = _ids()
+    with torch.no_grad():
+        ops = capture_operators(_model(), ids)
+    per_op = {name: _per_operator_utilization(op, SPLITS) for name, op in ops.items()}  # [6, 4] each
+    reg = ESSRegularizer(_model(), splits=SPLITS, max_operators=5, target="min", weight=1.0)
+    draws = []
+    for step in range(100):
+        reg.model(ids)
+        seed_state = reg.generator.get_state()
+        penalty = reg()
+        generator = torch.Generator()
+        generator.set_state(seed_state)
+        seed = int(torch.randint(2 ** 62, (), generator=generator))
+        expected = []
+        for name, op in ops.items():
+            rows = torch.randperm(24, generator=layer_generator(seed, name))[:5]
+            expected.append(per_op[name].reshape(-1)[rows].mean())
+        assert penalty.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-10), step
+        draws.append(penalty.item())
+    full = torch.stack([u.mean() for u in per_op.values()]).mean().item()
+    mean = sum(draws) / len(draws)
+    spread = torch.tensor(draws).std().item() / len(draws) ** 0.5
+    assert abs(mean - full) < 4 * spread and spread > 0
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_both_modes_draw_the_same_operators(per_example):
+    from test_regularizer_options import _assert_modes_agree
+
+    ids = _ids(length=24)
+    splits = (lambda x: torch.stack([torch.tensor([2 + i, 11, 20 - i]) for i in range(x.shape[0])])
+              ) if per_example else SPLITS
+    _assert_modes_agree(ids[:4], steps=3, splits=splits, max_operators=3, weight=0.3)
+
+
+def test_per_example_splits_weigh_each_drawn_operator_at_its_own_splits():
+    ids = _ids(batch=4)
+    rows_splits = torch.tensor([[3, 9], [5, 9], [9, 17], [2, 21]])
+    with torch.no_grad():
+        ops = capture_operators(_model(), ids)
+    reg = ESSRegularizer(_model(), splits=lambda x: rows_splits, max_operators=6, target="min", weight=1.0)
+    reg.model(ids)
+    seed_state = reg.generator.get_state()
+    penalty = reg()
+    generator = torch.Generator()
+    generator.set_state(seed_state)
+    seed = int(torch.randint(2 ** 62, (), generator=generator))
+    expected = []
+    for name, op in ops.items():
+        rows = torch.randperm(16, generator=layer_generator(seed, name))[:6]
+        per_op = torch.stack([_per_operator_utilization(op, rows_splits[b].tolist())[b] for b in range(4)])
+        expected.append(per_op.reshape(-1)[rows].mean())
+    assert penalty.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-10)
+
+
+def test_operators_that_cannot_be_indexed_all_count():
+    class Opaque(DenseOperator):
+        def rebuild(self, tensors):
+            raise NotImplementedError
+
+    op = Opaque(torch.randn(3, 2, 8, 8).tril())
+    assert sample_operators(op, 2, torch.Generator()) is None
+    sub, rows = sample_operators(DenseOperator(torch.randn(3, 2, 8, 8).tril()), 4, torch.Generator())
+    assert tuple(sub.shape) == (4,) and rows[1] == 3 and rows[0].shape == (4,)
+    sub, rows = sample_operators(DenseOperator(torch.randn(5, 8, 8).tril()), 2, torch.Generator())
+    assert tuple(sub.shape) == (2,) and rows is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "all"])
+def test_bad_max_operators_is_named(bad):
+    with pytest.raises(ValueError, match="max_operators"):
+        ESSRegularizer(_model(), max_operators=bad)
+
+
+def test_config_and_resume_keep_the_draws():
+    ids = _ids()
+    first = ESSRegularizer(_model(), splits=SPLITS, max_operators=4)
+    assert first.config["max_operators"] == 4
+    first.model(ids)
+    first()
+    state = first.state_dict()
+    first.model(ids)
+    expected = first()
+    second = ESSRegularizer(_model(), splits=SPLITS, max_operators=4)
+    second.load_state_dict(state)
+    second.model(ids)
+    assert torch.equal(second(), expected)

@@ -55,7 +55,7 @@ def test_the_sample_is_the_mean_over_the_drawn_operators_and_unbiased():
         generator.set_state(seed_state)
         seed = int(torch.randint(2 ** 62, (), generator=generator))
         expected = []
-        for name, op in ops.items():
+        for name in ops:
             rows = torch.randperm(24, generator=layer_generator(seed, name))[:5]
             expected.append(per_op[name].reshape(-1)[rows].mean())
         assert penalty.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-10), step

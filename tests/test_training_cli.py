@@ -110,14 +110,15 @@ def test_regularizer_options_from_the_command_line(tmp_path):
     out = tmp_path / "combo"
     argv = ["train", *_TINY, "--steps", "4", "--out", str(out), "--reg-weight", "0.5",
             "--reg-kind", "soft_tolerance", "--reg-target", "at_least:0.6", "--reg-splits", "boundary",
-            "--reg-schedule", "cosine_decay", "--reg-transition-weight", "0.1"]
+            "--reg-schedule", "cosine_decay", "--reg-transition-weight", "0.1", "--reg-max-operators", "3"]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
-    assert (config["reg_target"], config["reg_splits"], config["reg_schedule"]) == (
-        "at_least:0.6", "boundary", "cosine_decay")
+    keys = ("reg_target", "reg_splits", "reg_schedule", "reg_max_operators")
+    assert tuple(config[k] for k in keys) == ("at_least:0.6", "boundary", "cosine_decay", 3)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["reg_loss"] > 0 for r in records)  # the transition term is always positive
     for bad in (["--reg-target", "at_least:x"], ["--reg-schedule", "step"], ["--reg-splits", "edge"],
+                ["--reg-max-operators", "0"], ["--reg-max-operators", "some"],
                 ["--task", "selective_copying", "--reg-splits", "boundary"]):
         try:
             code = main(["train", *_TINY, "--steps", "2", "--out", str(tmp_path / "bad"),

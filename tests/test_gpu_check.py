@@ -1,0 +1,44 @@
+"""benchmarks/gpu_check.py: every part the CPU can reach, at small sizes (the first CUDA machine
+runs the rest unchanged)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_cuda_it_says_so_in_one_line(gpu_check, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 and "no CUDA device" in out
+
+
+def test_every_check_runs_and_passes_on_the_cpu(gpu_check, capsys):
+    assert gpu_check.main(["--quick", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    for row in ("gramian route, float64", "dense route, float32", "ESSRegularizer penalty and gradients",
+                "no host sync", "Gramian vs dense route", "step cost: gla", "step cost: attention",
+                "step cost: mamba"):
+        assert f"| {row}" in table, row
+    assert "FAIL" not in table
+
+
+def test_a_failed_check_fails_the_command(gpu_check, capsys, monkeypatch):
+    real = gpu_check._relative
+    monkeypatch.setattr(gpu_check, "_relative", lambda a, b: 1.0 + real(a, b))
+    assert gpu_check.main(["--quick", "--device", "cpu", "--cases", "gla"]) == 1
+    assert "FAIL" in capsys.readouterr().out

@@ -1,72 +1,37 @@
-"""Cost of the ESS regularizer on the default MQAR model (GLA, d_model 64, 2 layers) at L = 256.
+"""Cost of the ESS regularizer per training step, on the cases of benchmarks/regularizer_cases.py.
 
-Prints, from one run: the training-step time with no regularizer, with the regularizer as a loss
-term, and attached (gradient injected in the backward pass), 8 sampled splits, batch 32; and the
-memory the forward (plus the penalty, in loss-term mode) keeps for the backward in each mode, counted
-exactly through ``torch.autograd.graph.saved_tensors_hooks``.
+Prints, from one run per case: the step time with no regularizer, with the regularizer as a loss
+term, and attached (gradient injected in the backward pass), all with ``ESSRegularizer`` defaults
+(8 random splits, ``max_operators="auto"``), their ratios, the penalty's own time (its forward and
+backward into the captured operators, the model excluded: what it adds to a fused GPU step), the
+same with every operator (``max_operators=None``), and the memory the forward (plus the penalty,
+in loss-term mode) keeps for the backward, counted exactly through
+``torch.autograd.graph.saved_tensors_hooks``.
 
-    python benchmarks/bench_regularizer.py
+    python benchmarks/bench_regularizer.py                 # gla, attention, mamba
+    python benchmarks/bench_regularizer.py --cases gla --threads 1
 """
 
 from __future__ import annotations
 
-import time
+import argparse
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from regularizer_cases import CASES, Case, build, penalty_time, step_times, stepper
+
 from ess_reg import ESSRegularizer
-from ess_reg.models import SequenceModel
-from ess_reg.tasks import MQAR, loss_fn
-
-BATCH, LENGTH, KV, VOCAB = 32, 256, 16, 512
 
 
-def _setup(mode: str):
-    torch.manual_seed(0)
-    task = MQAR(BATCH, LENGTH, KV, VOCAB, seed=0)
-    model = SequenceModel("gla", 64, 2, VOCAB)
-    reg = None if mode == "none" else ESSRegularizer(model, splits=8)
-    if mode == "attach":
-        reg.attach()
-    return model, reg, task.inputs, task.targets
-
-
-def _stepper(mode: str):
-    model, reg, x, y = _setup(mode)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step():
-        loss = loss_fn(model(x), y)
-        if mode == "loss":
-            loss = loss + reg()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if mode == "attach":
-            reg.advance()
-
-    step()  # warm-up
-    return step
-
-
-def step_times(modes: tuple[str, ...], rounds: int = 4, repeats: int = 4) -> dict[str, float]:
-    """Seconds per step for each mode: modes interleaved round by round, the best round kept,
-    so that drifts of a noisy machine hit every mode alike."""
-    steppers = {mode: _stepper(mode) for mode in modes}
-    best = {mode: float("inf") for mode in modes}
-    for _ in range(rounds):
-        for mode, step in steppers.items():
-            start = time.perf_counter()
-            for _ in range(repeats):
-                step()
-            best[mode] = min(best[mode], (time.perf_counter() - start) / repeats)
-    return best
-
-
-def saved_for_backward(mode: str) -> float:
+def saved_for_backward(case: Case, mode: str) -> float:
     """MiB of distinct tensor storage the autograd graph holds after the forward (and the penalty,
     in loss-term mode): exactly what the forward keeps alive for the backward."""
-    model, reg, x, y = _setup(mode)
+    reg = None if mode == "none" else ESSRegularizer(case.model)
+    if mode == "attach":
+        reg.attach()
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -74,21 +39,47 @@ def saved_for_backward(mode: str) -> float:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(x), y)
-        if mode == "loss":
-            loss = loss + reg()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = case.loss(case.model, case.inputs)
+            if mode == "loss":
+                loss = loss + reg()
+    finally:
+        if reg is not None:
+            reg.remove()
     return sum(storages.values()) / 2**20
 
 
-def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GLA d_model 64, 2 layers, "
-          f"L={LENGTH}, batch {BATCH}, 8 sampled splits")
-    times = step_times(("none", "loss", "attach"))
+def measure(name: str, rounds: int) -> list[str]:
+    """The report lines of one case."""
+    device = torch.device("cpu")
+    case = build(name, device)
+    lines = [f"## {name}: {case.description}"]
+    steppers = {mode: stepper(build(name, device), mode) for mode in ("none", "loss", "attach")}
+    times = step_times(steppers, device, rounds=rounds, repeats=1)
     for mode, seconds in times.items():
-        print(f"step time {mode:6s} {seconds * 1e3:7.1f} ms   ratio {seconds / times['none']:.2f}x")
+        lines.append(f"step time {mode:6s} {seconds * 1e3:9.1f} ms   ratio {seconds / times['none']:.2f}x")
+    auto = penalty_time(build(name, device), rounds=rounds)
+    every = penalty_time(build(name, device), rounds=rounds, max_operators=None)
+    lines.append(f"penalty alone: {auto * 1e3:.1f} ms (max_operators='auto'), {every * 1e3:.1f} ms (every "
+                 f"operator), {every / auto:.1f}x")
     for mode in ("none", "loss", "attach"):
-        print(f"forward: graph saved for backward {saved_for_backward(mode):7.1f} MiB   ({mode})")
+        saved = saved_for_backward(build(name, device), mode)
+        lines.append(f"forward: graph saved for backward {saved:8.1f} MiB   ({mode})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best kept)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.cases.split(","):
+        print("\n".join(measure(name, args.rounds)), flush=True)
 
 
 if __name__ == "__main__":

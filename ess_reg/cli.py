@@ -49,14 +49,15 @@ def _reg_splits(text: str) -> int | str | None:
             f"must be a positive integer, 'all' or 'boundary', got {text!r}") from None
 
 
-def _count_or_all(text: str) -> int | None:
-    """A positive count, or ``all`` (None)."""
-    if text.strip().lower() == "all":
-        return None
+def _count_or_all(text: str) -> int | str:
+    """A positive count, ``auto`` or ``all``."""
+    if text.strip().lower() in ("auto", "all"):
+        return text.strip().lower()
     try:
         return _positive(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto', 'all' or a positive integer, got {text!r}") from None
 
 
 def _evenly_spaced_splits(text: str) -> int:
@@ -164,8 +165,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
                        help="the ESS weight over the run: constant, or decaying to 0 at --steps "
                             "(the transition penalty stays constant)")
     train.add_argument("--reg-max-operators", type=_count_or_all, default=defaults.reg_max_operators,
-                       metavar="K|all", help="per layer and step, the ESS penalty measures K of the layer's "
-                                             "batch x channel operators drawn at random (default: all)")
+                       metavar="auto|all|K", help="per layer and step, the ESS penalty measures K of the "
+                       "layer's batch x channel operators drawn at random; auto (default) keeps each layer's "
+                       "cost to about 3e7 multiply-adds, all measures every one")
     train.add_argument("--reg-transition-weight", type=float, default=defaults.reg_transition_weight,
                        help="add the paper's ||A - I||_F penalty with this weight (with any --reg-kind)")
     train.add_argument("--teacher", metavar="RUN", default=defaults.teacher,

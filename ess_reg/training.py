@@ -56,7 +56,7 @@ class TrainConfig:
     reg_splits: int | str | None = 8  # a count, None (all) or "boundary" (MQAR's context/query split)
     reg_schedule: str = "constant"  # or linear_decay / cosine_decay over the run's steps
     reg_transition_weight: float = 0.0  # adds the paper's ||A - I||_F penalty to an ESS regularizer
-    reg_max_operators: int | None = None  # per layer and step, a random subset of the operators
+    reg_max_operators: int | str = "auto"  # per layer and step: "auto", "all" or a count (random subset)
     tensorboard: bool = False
     init: str = "none"
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -420,7 +420,8 @@ def make_penalty(model: torch.nn.Module, config: TrainConfig):
         model, weight=weight, kind=config.reg_kind, target=parse_target(config.reg_target),
         splits=_reg_splits(config), schedule=config.reg_schedule,
         total_steps=config.steps if config.reg_schedule != "constant" else None,
-        generator=torch.Generator().manual_seed(config.seed), max_operators=config.reg_max_operators)
+        generator=torch.Generator().manual_seed(config.seed),
+        max_operators=None if config.reg_max_operators == "all" else config.reg_max_operators)
     baseline = None if transition == 0 else TransitionPenalty(model, transition)
     if ess is None or baseline is None:
         return ess if baseline is None else baseline
@@ -561,9 +562,9 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError(f"reg_kind must be entropy, soft_tolerance or transition, got {config.reg_kind!r}")
     if not config.reg_weight >= 0:
         raise ValueError(f"reg_weight must be >= 0, got {config.reg_weight}")
-    every = config.reg_max_operators
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"reg_max_operators must be a positive integer or None (all), got {every!r}")
+    count = config.reg_max_operators
+    if count not in ("auto", "all") and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"reg_max_operators must be 'auto', 'all' or a positive integer, got {count!r}")
     if not config.reg_transition_weight >= 0:
         raise ValueError(f"reg_transition_weight must be >= 0, got {config.reg_transition_weight}")
     if config.reg_schedule not in ("constant", "linear_decay", "cosine_decay"):

@@ -128,3 +128,35 @@ def test_config_and_resume_keep_the_draws():
     second.load_state_dict(state)
     second.model(ids)
     assert torch.equal(second(), expected)
+
+
+def test_auto_keeps_each_layers_cost_near_the_budget():
+    from ess_reg import DiagonalRealization
+    from ess_reg.regularizer.sampling import AUTO_BUDGET, operator_cost, operator_count
+
+    def realization(batch, channels, length, state):
+        shape = (batch, channels, length, state)
+        return DiagonalRealization(torch.randn(shape), torch.randn(shape), -torch.rand(shape), validate=False)
+
+    gla = realization(32, 4, 256, 8)  # the default MQAR model: every operator
+    assert operator_count("auto", gla, 8) is None
+    mamba = realization(4, 512, 512, 16)  # a Mamba layer of d_inner 512 at batch 4
+    kept = operator_count("auto", mamba, 8)
+    assert 150 <= kept <= 250 and kept * operator_cost(mamba, 8) <= AUTO_BUDGET
+    attention = DenseOperator(torch.randn(32, 4, 256, 256).tril(), validate=False)
+    assert operator_count("auto", attention, 8) == 8  # the floor
+    assert operator_count(None, mamba, 8) is None and operator_count(100, mamba, 8) == 100
+    assert operator_count(5000, mamba, 8) is None  # room for all 2048
+
+
+def test_auto_samples_an_attention_model_by_default():
+    torch.manual_seed(0)
+    model = SequenceModel("sa", d_model=16, n_layers=1, vocab_size=VOCAB)
+    reg = ESSRegularizer(model, splits=8)
+    assert reg.max_operators == "auto"
+    ids = torch.randint(0, VOCAB, (8, 320), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    op = next(iter(reg._pending.values()))[0][0]
+    sampled = reg._sample("blocks.0.mixer", op, None)
+    assert sampled is not None and tuple(sampled[0].shape) == (8,)  # 8 of 8 x 4 heads
+    assert torch.isfinite(reg())

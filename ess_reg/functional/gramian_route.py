@@ -40,6 +40,7 @@ backwards for ``V``). Cost per channel: ``O(L N^2 + S N^3)`` time and ``O(L N + 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -221,16 +222,18 @@ class _Segments:
         gram = rows.new_zeros(batch, n, n)
         out: list[torch.Tensor] = []
         order = range(self.count) if forward else range(self.count - 1, -1, -1)
-        offset = part.start
+        # one split into every segment's rows: its backward is one concatenation, where slicing
+        # segment by segment would fill a zero tensor of the whole sequence for each
+        edges = self.bounds[:-1] if forward else self.bounds[1:]
+        segments = torch.split(rows, [hi - lo for lo, hi in itertools.pairwise(edges)], dim=1)
         for k in order:
+            seg = segments[k]
             if forward:
-                seg = rows[:, self.bounds[k] - offset:self.bounds[k + 1] - offset]
                 if k > 0:
                     a = carry[:, k - 1]
                     gram = gram * (a[:, :, None] * a.conj()[:, None, :])
                 gram = gram + seg.mT @ seg.conj()
             else:
-                seg = rows[:, self.bounds[k + 1] - offset:self.bounds[k + 2] - offset]
                 if k < self.count - 1:
                     a = carry[:, k]
                     gram = gram * (a.conj()[:, :, None] * a[:, None, :])

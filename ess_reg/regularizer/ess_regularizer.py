@@ -30,7 +30,12 @@ from ess_reg.regularizer.options import (
     schedule_factor,
     target_term,
 )
-from ess_reg.regularizer.sampling import check_max_operators, layer_generator, sample_operators
+from ess_reg.regularizer.sampling import (
+    check_max_operators,
+    layer_generator,
+    operator_count,
+    sample_operators,
+)
 from ess_reg.regularizer.selection import ModuleSelector, select_modules
 
 _KINDS = ("entropy", "soft_tolerance")
@@ -84,7 +89,11 @@ class ESSRegularizer:
         max_operators: at most this many of a layer's ``batch x channels`` operators enter each
             step's penalty, drawn uniformly at random (per step and layer, from ``generator``): an
             unbiased estimate of the layer's mean at a fraction of the cost on wide layers (a Mamba
-            block has ``d_inner`` channels per example). ``None`` (default): all of them.
+            block has ``d_inner`` channels per example). ``"auto"`` (default) keeps each layer's
+            penalty to about ``AUTO_BUDGET`` (3e7) multiply-adds a step: GLA-sized layers keep every
+            operator, a Mamba layer of ``d_inner`` 512 at batch 4 about 180 of its 2048, softmax
+            attention at ``L = 256`` 8 (docs/performance.md measures the noise this adds); ``None``:
+            all of them.
 
     Use as ``loss = task_loss + reg()`` after each forward, or call :meth:`attach` (or wrap the
     optimizer in :class:`ess_reg.ESSOptimizer`) to apply the penalty's gradient inside
@@ -110,7 +119,7 @@ class ESSRegularizer:
         generator: torch.Generator | None = None,
         tol: float = 1e-3,
         temperature: float = 0.5,
-        max_operators: int | None = None,
+        max_operators: int | str | None = "auto",
     ) -> None:
         _check_config(kind, splits, every_n_steps, warmup_steps, dtype, tol, temperature)
         self.max_operators = check_max_operators(max_operators)
@@ -281,7 +290,7 @@ class ESSRegularizer:
         return torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
     def _layer_term(self, name: str, op: Operator, share: float, splits: Any = None) -> torch.Tensor:
-        sampled = self._sample(name, op)
+        sampled = self._sample(name, op, splits)
         value = self.utilization(op, splits) if sampled is None else self._utilization(*sampled, splits)
         self.values[name] = value.detach()
         term = target_term(self.layer_targets[name], value, self.normalize)
@@ -292,14 +301,28 @@ class ESSRegularizer:
         and batch; differentiable. ``splits``: per-example ``[B, S]`` (or ``[S]``) indices instead."""
         return self._utilization(op, None, splits)
 
-    def _sample(self, name: str, op: Operator) -> tuple[Operator, tuple[torch.Tensor, int] | None] | None:
+    def _sample(self, name: str, op: Operator, splits: Any
+                ) -> tuple[Operator, tuple[torch.Tensor, int] | None] | None:
         """``max_operators`` of ``op``'s operators for this step (None: all count)."""
-        if self.max_operators is None or math.prod(op.shape) <= self.max_operators:
+        if self.max_operators is None:
+            return None
+        count = operator_count(self.max_operators, op, self._split_count(op.seq_len, splits))
+        if count is None:
             return None
         if self._sample_step != self.step_count:  # one draw from the generator per step
             self._sample_seed = int(torch.randint(2 ** 62, (), generator=self.generator))
             self._sample_step = self.step_count
-        return sample_operators(op, self.max_operators, layer_generator(self._sample_seed, name))
+        return sample_operators(op, count, layer_generator(self._sample_seed, name))
+
+    def _split_count(self, seq_len: int, splits: Any) -> int:
+        """Splits per operator this step (for the cost of ``max_operators="auto"``)."""
+        if splits is not None:  # per-example (or fixed) indices of this forward
+            return int(splits.shape[-1]) if isinstance(splits, torch.Tensor) else len(splits)
+        if isinstance(self.splits, int):
+            return min(self.splits, seq_len - 1)
+        if isinstance(self.splits, torch.Tensor):
+            return self.splits.numel()
+        return seq_len - 1
 
     def _utilization(self, op: Operator, rows: tuple[torch.Tensor, int] | None, splits: Any) -> torch.Tensor:
         """:meth:`utilization` of a sampled operator ``[K]`` whose rows come from the batch elements

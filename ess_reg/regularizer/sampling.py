@@ -15,14 +15,43 @@ import torch
 
 from ess_reg.operators import Operator
 
+#: ``max_operators="auto"``: each layer's penalty may cost about this many multiply-adds a step
+#: (:func:`operator_cost` per operator); wider layers are sampled down to it, never below
+#: ``AUTO_MIN_OPERATORS``. A GLA layer of the usual sizes keeps every operator, a Mamba layer a few
+#: hundred, a softmax-attention layer at ``L = 256`` about 8.
+AUTO_BUDGET = 3e7
+AUTO_MIN_OPERATORS = 8
 
-def check_max_operators(value: object) -> int | None:
-    """``None`` (every operator) or an int >= 1; anything else is a ValueError naming the option."""
-    if value is None:
-        return None
+
+def check_max_operators(value: object) -> int | str | None:
+    """``"auto"``, ``None`` (every operator) or an int >= 1; otherwise a ValueError naming the option."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_operators must be None (every operator) or an int >= 1, got {value!r}")
+        raise ValueError(f"max_operators must be 'auto', None (every operator) or an int >= 1, got {value!r}")
     return value
+
+
+def operator_cost(op: Operator, splits: int) -> float:
+    """Multiply-adds of one operator's penalty at ``splits`` splits, roughly: ``L N^2 + S N^3`` on
+    the Gramian route (state ``N``), ``S (L/2) (L/4)^2`` on the dense route (the average split
+    block, compressed to its short side)."""
+    length, state = op.seq_len, op.state_size
+    if state is not None and state < length // 2:
+        return float(length * state ** 2 + splits * state ** 3)
+    return float(splits * (length / 2) * (length / 4) ** 2)
+
+
+def operator_count(max_operators: int | str | None, op: Operator, splits: int) -> int | None:
+    """How many of ``op``'s operators to keep (None: all) under the option ``max_operators``."""
+    if max_operators is None:
+        return None
+    if max_operators == "auto":
+        max_operators = max(AUTO_MIN_OPERATORS, int(AUTO_BUDGET // operator_cost(op, splits)))
+    total = 1
+    for size in op.shape:
+        total *= size
+    return None if total <= max_operators else int(max_operators)
 
 
 def layer_generator(step_seed: int, name: str) -> torch.Generator:

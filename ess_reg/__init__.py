@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from ess_reg.metric import ESSMetric
 
         return ESSMetric
+    if name == "ess_init":  # the init_schemes package, loaded on first use
+        from init_schemes import ess_init
+
+        return ess_init
     raise AttributeError(f"module 'ess_reg' has no attribute {name!r}")
 
 __all__ = [
@@ -44,6 +48,7 @@ __all__ = [
     "diagnose",
     "distillation_loss",
     "ess_curve",
+    "ess_init",
     "memory_budget",
     "register_extractor",
     "set_memory_budget",

@@ -144,9 +144,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--device", default=defaults.device)
     train.add_argument("--out", default=defaults.out, help="run folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from init_schemes import SCHEMES
+
     train.add_argument("--init", default=defaults.init,
                        help="none (constructor init), auto (ess_init's search) or a scheme name "
-                            "(s4d_lin, s4d_inv, s4d_real, s4d_legs, mamba, mamba2, gla, retnet, wla, la)")
+                            f"({', '.join(SCHEMES)})")
     train.add_argument("--tensorboard", action="store_true",
                        help="also log to TensorBoard (RUN/tensorboard; needs the tensorboard package)")
     train.add_argument("--reg-weight", type=float, default=defaults.reg_weight,

@@ -55,3 +55,13 @@ def test_one_error_for_a_model_without_recognised_modules(entry):
             from init_schemes import ess_init
 
             ess_init(model, probe=torch.randn(2, 3), verbose=False)
+
+
+def test_ess_init_is_reachable_from_ess_reg_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, ess_reg; assert 'init_schemes' not in sys.modules; "
+            "from ess_reg import ess_init; import init_schemes; assert ess_init is init_schemes.ess_init")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -127,7 +127,7 @@ def penalty_time(case: Case, rounds: int = 3, **reg_kwargs: Any) -> float:
     try:
         for _ in range(rounds + 1):
             case.loss(case.model, case.inputs)
-            leaves = [t for ops in reg._pending.values() for op, _ in ops for t in op.tensors()
+            leaves = [t for ops in reg._pending.values() for op, *_ in ops for t in op.tensors()
                       if t.requires_grad]
             _synchronize(device)
             start = time.perf_counter()

@@ -32,10 +32,16 @@ def distillation_loss(
             of the wrong tokens more.
         ignore_index: the label of unscored positions.
 
-    Returns a scalar in the logits' dtype (computed in at least float32); 0 when no position counts.
+    Returns a scalar in at least float32 (half-precision logits are computed and returned in
+    float32, where the loss cannot overflow); 0 when no position counts. A teacher logit of ``-inf``
+    (a token it rules out) contributes nothing; positions that do not count may hold anything,
+    NaN included.
     """
     if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
         raise TypeError("student_logits and teacher_logits must be tensors [..., V]")
+    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        raise TypeError(f"student_logits and teacher_logits must be floating point, got "
+                        f"{student_logits.dtype} and {teacher_logits.dtype}")
     if student_logits.shape != teacher_logits.shape or student_logits.dim() < 1:
         raise ValueError(f"student_logits and teacher_logits must have the same shape [..., V], got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
@@ -46,12 +52,16 @@ def distillation_loss(
         raise ValueError(f"targets must have the logits' shape without the last axis "
                          f"{tuple(student_logits.shape[:-1])}, got {tuple(targets.shape)}")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
-    per_position = (teacher.exp() * (teacher - student)).sum(-1)  # [...]
     if targets is None:
-        loss = per_position.mean()
+        scored = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     else:
-        scored = (targets != ignore_index).to(dtype)
-        loss = (per_position * scored).sum() / scored.sum().clamp_min(1)
-    return (loss * temperature ** 2).to(student_logits.dtype)
+        scored = (targets != ignore_index).to(student_logits.device)
+    keep = scored[..., None]  # unscored positions never enter, whatever they hold (NaN included)
+    student = torch.where(keep, student_logits.to(dtype), 0)
+    teacher = torch.where(keep, teacher_logits.detach().to(dtype), 0)
+    student = F.log_softmax(student / temperature, dim=-1)
+    teacher = F.log_softmax(teacher / temperature, dim=-1)
+    probability = teacher.exp()
+    terms = torch.where(probability > 0, probability * (teacher - student), 0)  # 0 log 0 = 0
+    loss = terms.sum() / scored.sum().clamp_min(1).to(dtype)
+    return loss * temperature ** 2

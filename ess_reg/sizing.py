@@ -72,6 +72,9 @@ def needed_from_spectrum(values: torch.Tensor, *, tol: float = 1e-2, quantile: f
         counts = tolerance_ess(values, tol, relative=True).flatten().double()
     if counts.numel() == 0:
         return 0
+    if bool(torch.isnan(counts).any()):  # a non-finite operator, checked on an accelerator
+        raise ValueError("the operator holds NaN or Inf values (a diverged layer?); the state it needs "
+                         "is undefined. Check the model's activations")
     ordered = counts.sort().values
     position = max(0, math.ceil(quantile * ordered.numel()) - 1)
     return round(float(ordered[position]))

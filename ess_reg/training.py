@@ -103,7 +103,7 @@ def load_run(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tr
     if not checkpoint.exists():
         raise ValueError(f"no checkpoint at {checkpoint}; pass a run folder written by 'ess-reg train'")
     state = torch.load(checkpoint, map_location=device, weights_only=True)
-    config = TrainConfig(**state["train_config"])
+    config = saved_config(state["train_config"])
     model = make_model(config)
     try:
         model.load_state_dict(state["model"])
@@ -165,6 +165,7 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
     if overwrite and resume:
         raise ValueError("overwrite and resume exclude each other: pass one of --overwrite, --resume")
     out = Path(config.out)
+    teacher = load_teacher(config)  # a bad teacher stops the run before its folder is touched
     if resume:
         checkpoint: dict[str, Any] | None = _resume_state(out, config)
     else:
@@ -182,7 +183,7 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     run = _Run(config, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config)),
                torch.Generator().manual_seed(config.seed), make_penalty(model, config),
-               teacher=load_teacher(config))
+               teacher=None if teacher is None else teacher.to(device))
     if checkpoint is not None:
         run.load_state_dict(checkpoint)
     records = _metrics_so_far(out / "metrics.jsonl", run.step)
@@ -210,12 +211,15 @@ def load_teacher(config: TrainConfig) -> torch.nn.Module | None:
     if config.teacher is None:
         return None
     try:
-        teacher, teacher_config = load_run(config.teacher, device=config.device)
+        teacher, teacher_config = load_run(config.teacher, device="cpu")
+        path = Path(config.teacher)
+        state = torch.load(path / "checkpoint.pt" if path.is_dir() else path, map_location="cpu",
+                           weights_only=True)
     except ValueError as error:
         raise ValueError(f"teacher {config.teacher!r}: {error}") from None
-    path = Path(config.teacher)
-    state = torch.load(path / "checkpoint.pt" if path.is_dir() else path, map_location="cpu",
-                       weights_only=True)
+    except Exception as error:  # any unreadable file: say what was expected
+        raise ValueError(f"teacher {config.teacher!r} is not a run folder (or checkpoint.pt) written by "
+                         f"ess-reg train: {type(error).__name__}: {error}") from None
     if "step" in state and int(state["step"]) < teacher_config.steps:
         raise ValueError(f"teacher {config.teacher!r} is unfinished (step {int(state['step'])} of "
                          f"{teacher_config.steps}); finish it first: ess-reg train --resume {config.teacher}")
@@ -228,6 +232,14 @@ def load_teacher(config: TrainConfig) -> torch.nn.Module | None:
     return teacher.requires_grad_(False).eval()
 
 
+def saved_config(fields: dict[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` of a checkpoint; fields added since it was written keep the behaviour it
+    ran with (``reg_max_operators``: ``"all"``, every operator)."""
+    fields = dict(fields)
+    fields.setdefault("reg_max_operators", "all")
+    return TrainConfig(**fields)
+
+
 def resume_config(run: str | Path, **changes: Any) -> TrainConfig:
     """The config saved in ``run``'s checkpoint, with ``out = run`` and ``changes`` (only the
     fields in :data:`RESUMABLE_CHANGES`) applied; pass it to ``train(..., resume=True)``."""
@@ -236,7 +248,7 @@ def resume_config(run: str | Path, **changes: Any) -> TrainConfig:
         raise ValueError(f"a resumed run keeps its config; cannot change {', '.join(fixed)} "
                          f"(only {', '.join(RESUMABLE_CHANGES)})")
     state = _load_checkpoint(Path(run))
-    return dataclasses.replace(TrainConfig(**state["train_config"]), out=str(run), **changes)
+    return dataclasses.replace(saved_config(state["train_config"]), out=str(run), **changes)
 
 
 def _loop(run: _Run, train_set: SyntheticTask, test_set: SyntheticTask, records: list[dict[str, Any]],
@@ -351,7 +363,7 @@ def _load_checkpoint(run: Path) -> dict[str, Any]:
 def _resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
     """The checkpoint to resume ``config`` from, checked against it."""
     state = _load_checkpoint(out)
-    saved = TrainConfig(**state["train_config"])
+    saved = saved_config(state["train_config"])
     changed = [f.name for f in dataclasses.fields(TrainConfig)
                if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name)]
     if changed:
@@ -588,6 +600,9 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError(f"distill_temperature must be a finite number > 0, got {temperature!r}")
     if not 0 <= config.distill_weight <= 1:
         raise ValueError(f"distill_weight must be in [0, 1], got {config.distill_weight!r}")
+    if config.teacher is None and (config.distill_weight != 1.0 or config.distill_temperature != 2.0):
+        raise ValueError("distill_temperature and distill_weight only apply with a teacher: "
+                         "pass --teacher RUN")
     from ess_reg.mixers import MIXERS
 
     names = config.mixers()

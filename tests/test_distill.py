@@ -47,6 +47,25 @@ def test_loss_is_zero_at_the_teacher_and_its_gradient_reaches_only_the_student()
     assert teacher.grad is None and other.grad is not None and other.grad.abs().sum() > 0
 
 
+def test_masked_tokens_empty_batches_and_garbage_at_ignored_positions():
+    torch.manual_seed(3)
+    student, teacher = torch.randn(2, 4, 7, requires_grad=True), torch.randn(2, 4, 7)
+    teacher[..., 0] = float("-inf")  # a token the teacher rules out
+    log_s = F.log_softmax(student.double() / 2.0, -1)[..., 1:]
+    log_t = F.log_softmax(teacher[..., 1:].double() / 2.0, -1)
+    reference = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * 4.0
+    torch.testing.assert_close(distillation_loss(student, teacher).double(), reference, rtol=1e-5, atol=0)
+    targets = torch.zeros(2, 4, dtype=torch.long)
+    targets[1] = -100
+    poisoned = teacher.clone()
+    poisoned[1] = float("nan")
+    loss = distillation_loss(student, poisoned, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    empty = distillation_loss(torch.zeros(0, 7), torch.zeros(0, 7))
+    assert empty.item() == 0.0
+
+
 def test_loss_without_scored_positions_is_zero_and_finite():
     loss = distillation_loss(torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4),
                              torch.full((2, 3), -100))
@@ -57,8 +76,9 @@ def test_loss_without_scored_positions_is_zero_and_finite():
 def test_half_precision_logits_are_computed_in_float32():
     torch.manual_seed(2)
     student, teacher = torch.randn(2, 6, 50) * 30, torch.randn(2, 6, 50) * 30
+    got = distillation_loss(student.half(), teacher.half(), temperature=4.0)
+    assert got.dtype == torch.float32 and torch.isfinite(got)  # returned where it cannot overflow
     got = distillation_loss(student.half(), teacher.half())
-    assert got.dtype == torch.float16 and torch.isfinite(got)
     reference = distillation_loss(student.half().float(), teacher.half().float())
     assert torch.allclose(got.float(), reference, rtol=1e-2)
 
@@ -73,7 +93,9 @@ def test_half_precision_logits_are_computed_in_float32():
       "temperature"),
      (dict(student_logits=torch.zeros(2, 3), teacher_logits=torch.zeros(2, 3), targets=torch.zeros(3)),
       "targets"),
-     (dict(student_logits=[0.0], teacher_logits=torch.zeros(1)), "tensors")],
+     (dict(student_logits=[0.0], teacher_logits=torch.zeros(1)), "tensors"),
+     (dict(student_logits=torch.zeros(2, 3, dtype=torch.long), teacher_logits=torch.zeros(2, 3)),
+      "floating point")],
 )
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -139,6 +161,20 @@ def test_a_distilled_run_resumes_bit_identically(tmp_path, teacher_run, monkeypa
 def test_mismatched_or_bad_distillation_settings_are_refused(tmp_path, teacher_run, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(_tiny(tmp_path, "bad", teacher=str(teacher_run), **overrides), progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before the run folder was touched
+
+
+def test_distillation_settings_without_a_teacher_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--teacher"):
+        train(_tiny(tmp_path, "lonely", distill_temperature=4.0), progress=False)
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path):
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "checkpoint.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a run folder"):
+        train(_tiny(tmp_path, "s", teacher=str(bogus)), progress=False)
 
 
 def test_missing_or_unfinished_teachers_are_refused(tmp_path, teacher_run):

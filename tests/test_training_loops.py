@@ -173,8 +173,8 @@ def test_misuse_is_an_error_not_a_silent_zero():
 
 
 def test_steps_without_the_penalty_leave_nothing_behind():
-    """A loop that adds reg() only on some steps: the forwards it skipped are dropped at the next
-    forward (no graph kept between steps, no 'backward through the graph a second time'), and the
+    """A loop that adds reg() only on some steps: a forward whose backward ran without reg() is
+    forgotten (no graph kept between steps, no 'backward through the graph a second time'), and the
     penalty equals that of a fresh regularizer on the same forward."""
     model, ids = _model(), _ids()
     reg = ESSRegularizer(model, weight=0.1, splits=[3, 9, 15])
@@ -185,7 +185,7 @@ def test_steps_without_the_penalty_leave_nothing_behind():
             loss = loss + penalty
         loss.backward()
         if not step % 2:
-            assert reg._pending and not _graph_tensors(model)
+            assert not reg._pending and not _graph_tensors(model)
     fresh = ESSRegularizer(_model(), weight=0.1, splits=[3, 9, 15])
     _loss(fresh.model, ids)
     model.load_state_dict(fresh.model.state_dict())
@@ -198,6 +198,19 @@ def test_steps_without_the_penalty_leave_nothing_behind():
     with torch.no_grad():
         _loss(model, ids)
     reg()
+
+
+def test_several_forwards_before_one_reg_are_averaged():
+    """Forwards not yet backwarded stay pending: reg() after two forwards is the mean of both."""
+    model, a, b = _model(), _ids(1), _ids(2)
+    reg = ESSRegularizer(model, weight=0.1, splits=[3, 9, 15])
+    singles = []
+    for ids in (a, b):
+        _loss(model, ids)
+        singles.append(reg())
+    _loss(model, a)
+    _loss(model, b)
+    torch.testing.assert_close(reg(), (singles[0] + singles[1]) / 2, rtol=1e-12, atol=0)
 
 
 def test_a_forward_that_captured_nothing_names_reentrant_checkpointing():

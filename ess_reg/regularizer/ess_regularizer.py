@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from ess_reg.regularizer.options import (
 )
 from ess_reg.regularizer.sampling import (
     check_max_operators,
+    is_linear,
     layer_generator,
     operator_count,
     sample_operators,
@@ -123,7 +125,6 @@ class ESSRegularizer:
     ) -> None:
         _check_config(kind, splits, every_n_steps, warmup_steps, dtype, tol, temperature)
         self.max_operators = check_max_operators(max_operators)
-        self._sample_seed, self._sample_step = 0, -1
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or (
                 accumulation_steps < 1):
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
@@ -219,7 +220,7 @@ class ESSRegularizer:
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator_state"])
         self._micro_steps = int(state.get("micro_steps", 0))
-        self._split_step = self._sample_step = -1
+        self._split_step = -1
 
     @property
     def last_penalty(self) -> torch.Tensor | None:
@@ -278,12 +279,12 @@ class ESSRegularizer:
                 "nothing; use use_reentrant=False)")
         if splits is not None:  # checked before anything is consumed
             for ops in self._pending.values():
-                for op, _ in ops:
+                for op, *_ in ops:
                     batch_splits(splits, op.seq_len)
         pending = self._pending
         layers = len(pending)
         terms = [self._layer_term(name, op, 1.0 / (layers * len(ops)), at if splits is None else splits)
-                 for name, ops in pending.items() for op, at in ops]
+                 for name, ops in pending.items() for op, at, _ in ops]
         self._pending, self._not_causal = {}, {}
         for name, ops in pending.items():
             self.operators[name] = _detached(ops[-1][0])
@@ -304,20 +305,21 @@ class ESSRegularizer:
     def _sample(self, name: str, op: Operator, splits: Any
                 ) -> tuple[Operator, tuple[torch.Tensor, int] | None] | None:
         """``max_operators`` of ``op``'s operators for this step (None: all count)."""
-        if self.max_operators is None:
-            return None
-        count = operator_count(self.max_operators, op, self._split_count(op.seq_len, splits))
+        option = self.max_operators
+        if option is None or (option == "auto" and not is_linear(self.layer_targets[name])):
+            return None  # "auto" leaves non-linear targets exact: f(mean of a sample) would be biased
+        count = operator_count(option, op, self._split_count(op.seq_len, splits))
         if count is None:
             return None
-        if self._sample_step != self.step_count:  # one draw from the generator per step
-            self._sample_seed = int(torch.randint(2 ** 62, (), generator=self.generator))
-            self._sample_step = self.step_count
-        return sample_operators(op, count, layer_generator(self._sample_seed, name))
+        # a function of (seed, step, layer) only: both modes, any visiting order and a resumed run
+        # draw the same operators, and the split sampler's stream is left alone
+        generator = layer_generator(self.generator.initial_seed(), self.step_count, name)
+        return sample_operators(op, count, generator)
 
     def _split_count(self, seq_len: int, splits: Any) -> int:
         """Splits per operator this step (for the cost of ``max_operators="auto"``)."""
-        if splits is not None:  # per-example (or fixed) indices of this forward
-            return int(splits.shape[-1]) if isinstance(splits, torch.Tensor) else len(splits)
+        if splits is not None:  # this forward's indices: every operator is measured at their union
+            return torch.unique(torch.as_tensor(splits).cpu()).numel()
         if isinstance(self.splits, int):
             return min(self.splits, seq_len - 1)
         if isinstance(self.splits, torch.Tensor):
@@ -373,7 +375,11 @@ class ESSRegularizer:
         at = self._forward_splits
         if not self._attached or not isinstance(output, torch.Tensor):
             self.operators[name] = op
-            self._pending.setdefault(name, []).append((op, at))
+            token = object()
+            self._pending.setdefault(name, []).append((op, at, token))
+            anchor = next((t for t in op.tensors() if t.requires_grad), None)
+            if anchor is not None:  # a backward through this forward without reg(): forget it
+                anchor.register_hook(_Forget(self, name, token))
             return None
         self.operators[name] = _detached(op)  # the injection node holds the graph until backward
         tensors = op.tensors()
@@ -483,10 +489,6 @@ class _StartForward:
             return
         reg = self.regularizer
         reg._calls = {}
-        if reg._capture_now():
-            # reg() penalises the last forward: operators of an earlier one that reg() never
-            # consumed (a step without the penalty) are dropped, with the graph they hold
-            reg._pending, reg._not_causal = {}, {}
         if callable(reg.splits) and reg._capture_now():
             first = args[0] if args else kwargs.get("input_ids", next(iter(kwargs.values()), None))
             splits = reg.splits(first)
@@ -497,6 +499,25 @@ class _StartForward:
 
     def __deepcopy__(self, memo: dict) -> _InertHook:
         return _InertHook()
+
+
+class _Forget:
+    """Tensor hook on a captured operator: when a backward passes through a forward whose penalty
+    was never asked for (a step without ``reg()``), its operators leave the pending list, with the
+    graph they hold. Holds a weak reference and a token, so it keeps nothing alive."""
+
+    def __init__(self, regularizer: ESSRegularizer, name: str, token: object) -> None:
+        self.regularizer, self.name, self.token = weakref.ref(regularizer), name, token
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        reg = self.regularizer()
+        if reg is None or self.name not in reg._pending:
+            return
+        kept = [entry for entry in reg._pending[self.name] if entry[2] is not self.token]
+        if kept:
+            reg._pending[self.name] = kept
+        else:
+            del reg._pending[self.name]
 
 
 class _InertHook:

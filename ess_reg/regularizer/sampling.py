@@ -1,10 +1,12 @@
 """Unbiased subsampling of a layer's operators: the penalty of a wide layer at a fraction of its cost.
 
 A layer's utilization is a mean over its ``batch x channels`` operators (and the step's splits), so
-the mean over a uniform random subset of them is an unbiased estimate of it; the regularizer's cost
-falls in proportion. The subset is drawn per step and per layer from a seed the regularizer's
-generator gives once per step, so the two modes (loss term, attached) pick the same operators
-whatever order they visit the layers in.
+the mean over a uniform random subset of them is an unbiased estimate of it, and so is the penalty
+of a linear target (``"max"``, ``"min"``); the regularizer's cost falls in proportion. A non-linear
+target (a float, a floor) of a sampled mean is biased upwards by the sample's variance, so
+``max_operators="auto"`` leaves those layers exact. The subset is a function of the regularizer's
+seed, the step and the layer's name, so the two modes (loss term, attached) pick the same operators
+whatever order they visit the layers in, and a resumed run picks what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import zlib
 
 import torch
 
-from ess_reg.operators import Operator
+from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
 
 #: ``max_operators="auto"``: each layer's penalty may cost about this many multiply-adds a step
 #: (:func:`operator_cost` per operator); wider layers are sampled down to it, never below
@@ -54,9 +56,16 @@ def operator_count(max_operators: int | str | None, op: Operator, splits: int) -
     return None if total <= max_operators else int(max_operators)
 
 
-def layer_generator(step_seed: int, name: str) -> torch.Generator:
-    """A CPU generator for layer ``name`` in the step whose seed is ``step_seed``."""
-    return torch.Generator().manual_seed((step_seed + zlib.crc32(name.encode())) % 2 ** 63)
+def layer_generator(seed: int, step: int, name: str) -> torch.Generator:
+    """A CPU generator for layer ``name`` at ``step`` of a regularizer seeded with ``seed``."""
+    mixed = (seed * 1_000_003 + step * 7_919 + zlib.crc32(name.encode())) % 2 ** 63
+    return torch.Generator().manual_seed(mixed)
+
+
+def is_linear(target: object) -> bool:
+    """Whether a target's ``f`` is linear (``"max"``, ``"min"``): only then is ``f`` of a sampled
+    mean an unbiased estimate of ``f`` of the full mean."""
+    return isinstance(target, str) and target in ("max", "min")
 
 
 def sample_operators(op: Operator, count: int, generator: torch.Generator
@@ -67,10 +76,12 @@ def sample_operators(op: Operator, count: int, generator: torch.Generator
     dimensions flattened, in ascending order); ``rows`` is ``(batch_index, batch)``, the batch
     element of each ``[count]`` (on the operator's device) and the batch size, or None for an
     operator without a batch dimension.
-    None when ``op`` has at most ``count`` operators, or is a type that cannot be indexed
-    (a custom operator without :meth:`~ess_reg.Operator.rebuild`, or with tensors that do not all
-    lead with ``op.shape``): then every operator counts.
+    None when ``op`` has at most ``count`` operators, or is not one of the library's own operator
+    types (a subclass may hold more than its tensors, e.g. its own ``state_size``, which a rebuilt
+    subset would lose): then every operator counts.
     """
+    if type(op) not in (DenseOperator, DiagonalRealization):
+        return None
     shape = tuple(op.shape)
     total = 1
     for size in shape:
@@ -82,8 +93,5 @@ def sample_operators(op: Operator, count: int, generator: torch.Generator
         return None
     rows = torch.randperm(total, generator=generator)[:count].sort().values  # on the CPU
     index = tuple(i.to(op.device, non_blocking=True) for i in torch.unravel_index(rows, shape))
-    try:
-        subset = op.rebuild([t[index] for t in tensors])
-    except NotImplementedError:
-        return None
+    subset = op.rebuild([t[index] for t in tensors])
     return subset, ((index[0], shape[0]) if len(shape) > 1 else None)

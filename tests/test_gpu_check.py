@@ -42,3 +42,16 @@ def test_a_failed_check_fails_the_command(gpu_check, capsys, monkeypatch):
     monkeypatch.setattr(gpu_check, "_relative", lambda a, b: 1.0 + real(a, b))
     assert gpu_check.main(["--quick", "--device", "cpu", "--cases", "gla"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_sync_warnings_are_told_apart_by_source_line(gpu_check, tmp_path):
+    import warnings
+
+    source = tmp_path / "code.py"
+    source.write_text("values = torch.linalg.svdvals(x)\nflag = bool(mask.any())\n")
+
+    def warning(line: int, text: str = "called a synchronizing CUDA operation") -> warnings.WarningMessage:
+        return warnings.WarningMessage(UserWarning(text), UserWarning, str(source), line)
+
+    ours, linalg = gpu_check.sync_sources([warning(1), warning(2), warning(2), warning(2, "other")])
+    assert ours == {"code.py:2": 2} and linalg == {"code.py:1": 1}

@@ -12,9 +12,13 @@ intervals over models and the paired bootstrap of the difference rho(ESS/kv) - r
 Conventions (stated in the output): ESS is the entropy-ESS averaged over splits, summed over the
 channels of a layer and over the layers ("total"); TSS likewise sums channels x state per channel
 over the layers; a softmax-attention layer, which has no finite state, counts the sequence length
-per channel (its key-value cache). "kv" is the task's number of items to hold: MQAR's key-value
-pairs, selective copying's tokens to copy. The secondary convention divides the per-channel values
-(mean over channels, summed over layers) instead, so wide and narrow layers weigh the same.
+per channel (its key-value cache). A "channel" is what carries one operator: a head for LA, WLA,
+GLA and SA (whose state is key dimension x value dimension), one of ``d_inner`` channels for S6.
+"kv" is the task's number of items to hold: MQAR's key-value pairs, selective copying's tokens to
+copy. Two more conventions test that the conclusion does not hang on that choice: per channel
+(mean over channels, summed over layers), and in floats (ESS and TSS times each channel's value
+width, so TSS is the recurrent state's size and a GLA head of 32 x 32 counts like 64 S6 channels
+of state 16).
 """
 
 from __future__ import annotations
@@ -54,18 +58,21 @@ def model_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                              "benchmarks/sweep.py (rerun that run)")
         items = config.get("copy_tokens") if config.get("task") == "selective_copying" else config.get(
             "kv_pairs")
-        total_tss = mean_tss = 0.0
-        mean_ess = 0.0
+        total_tss = mean_tss = mean_ess = float_tss = float_ess = 0.0
         for name, size in layers.items():
             per_channel = size["tss"] if size["tss"] is not None else config["seq_len"]
+            width = size.get("value_width", 1)
             total_tss += per_channel * size["channels"]
+            float_tss += per_channel * size["channels"] * width
+            float_ess += metric[f"{name}/total_ess"] * width
             mean_tss += per_channel
             mean_ess += metric[f"{name}/ess"]
         rows.append({"key": r["key"], "mixer": config["mixer"], "setting": r["setting"], "cell": r["cell"],
                      "seed": r["seed"], "items": items, "accuracy": r["test_accuracy"],
                      "state": "/".join(str(s["tss"]) for s in layers.values()),
                      "ess_per_kv": metric["ess/total"] / items, "tss_per_kv": total_tss / items,
-                     "channel_ess_per_kv": mean_ess / items, "channel_tss_per_kv": mean_tss / items})
+                     "channel_ess_per_kv": mean_ess / items, "channel_tss_per_kv": mean_tss / items,
+                     "float_ess_per_kv": float_ess / items, "float_tss_per_kv": float_tss / items})
     return rows
 
 
@@ -128,6 +135,34 @@ def bootstrap_spearman(x: Sequence[float], y: Sequence[float],
     return float(spearman(x, y)), _interval(spearman(x[sample], y[sample]))
 
 
+def stratified_spearman(x: Sequence[float], y: Sequence[float], groups: Sequence[Any],
+                        seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Spearman's rho within groups, pooled: ranks taken inside each group and centred there, then
+    correlated over all items, so a trait shared by a whole group (a harder task raising both
+    quantities) cannot make the correlation; bootstrap 95% interval resampling within groups."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    members = [np.flatnonzero(np.asarray([g == k for g in groups])) for k in dict.fromkeys(groups)]
+    rng = np.random.default_rng(seed)
+
+    def rho(picks: list[np.ndarray]) -> float:
+        rx, ry = [], []
+        for pick in picks:
+            if pick.size < 2:
+                continue
+            for values, out in ((x[pick], rx), (y[pick], ry)):
+                r = ranks(values)
+                out.append(r - r.mean())
+        if not rx:
+            return math.nan
+        rx_all, ry_all = np.concatenate(rx), np.concatenate(ry)
+        denominator = math.sqrt(float((rx_all ** 2).sum() * (ry_all ** 2).sum()))
+        return float((rx_all * ry_all).sum() / denominator) if denominator > 0 else math.nan
+
+    point = rho(members)
+    boot = np.array([rho([rng.choice(m, m.size) for m in members]) for _ in range(BOOTSTRAP)])
+    return point, _interval(boot)
+
+
 def _interval(values: np.ndarray) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     if finite.size < 0.9 * values.size:  # too many resamples without a defined coefficient
@@ -158,7 +193,10 @@ def report(rows: Sequence[dict[str, Any]]) -> str:
     for title, (ess_key, tss_key) in {
             "total (summed over channels and layers)": ("ess_per_kv", "tss_per_kv"),
             "per channel (mean over channels, summed over layers)": ("channel_ess_per_kv",
-                                                                     "channel_tss_per_kv")}.items():
+                                                                     "channel_tss_per_kv"),
+            "in floats (each channel's ESS and TSS times the values it carries: a head's value "
+            "dimension for LA/WLA/GLA/SA, 1 for S6; TSS is then the recurrent state's size)": (
+                "float_ess_per_kv", "float_tss_per_kv")}.items():
         lines += ["", f"Convention: {title}. 95% bootstrap intervals over models ({BOOTSTRAP} resamples).",
                   "", "| models | n | rho ESS/kv | rho TSS/kv | rho diff | tau ESS/kv | tau TSS/kv "
                   "| tau diff |",

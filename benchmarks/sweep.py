@@ -215,8 +215,10 @@ def train_one(run: Run, folder: str) -> dict[str, Any]:
 
 def layer_sizes(folder: str, config: Any) -> dict[str, dict[str, Any]]:
     """Per layer of the trained model in ``folder``: ``channels``, ``tss`` per channel (None without a
-    finite state) and ``needed``, ``ess_reg.state_size_needed``'s state at its defaults, all on the
-    first ``config.ess_examples`` test examples (the ones its ESS was measured on)."""
+    finite state), ``value_width`` (the values each channel's operator carries: a head's value
+    dimension for LA/WLA/GLA/SA, 1 for channel-wise SSMs; ``channels x tss x value_width`` is the
+    layer's recurrent state in floats) and ``needed``, ``ess_reg.state_size_needed``'s state at its
+    defaults, all on the first ``config.ess_examples`` test examples (those its ESS was measured on)."""
     import torch
 
     from ess_reg import capture_operators, theoretical_state_size
@@ -226,8 +228,20 @@ def layer_sizes(folder: str, config: Any) -> dict[str, dict[str, Any]]:
     model, _ = load_run(folder)
     with torch.no_grad():
         operators = capture_operators(model, make_test_task(config).inputs[: config.ess_examples])
+    modules = dict(model.named_modules())
     return {name: {"channels": op.num_channels, "tss": theoretical_state_size(op),
-                   "needed": operator_state_needed(op)} for name, op in operators.items()}
+                   "value_width": _value_width(modules[name]), "needed": operator_state_needed(op)}
+            for name, op in operators.items()}
+
+
+def _value_width(module: Any) -> int:
+    for attribute in ("value_dim", "head_dim"):
+        if isinstance(getattr(module, attribute, None), int):
+            return getattr(module, attribute)
+    heads, width = getattr(module, "num_heads", None), getattr(module, "d_model", None)
+    if isinstance(heads, int) and isinstance(width, int):
+        return width // heads
+    return 1
 
 
 # -- report -------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def test_correlations_are_batched_over_resamples():
 def _record(key, mixer, accuracy, ess_total, layers, kv=4, task="mqar", seq_len=64):
     metric = {"ess/total": ess_total}
     for name, size in layers.items():
+        metric[f"{name}/total_ess"] = ess_total / len(layers)
         metric[f"{name}/ess"] = ess_total / len(layers) / size["channels"]
     return {"key": key, "setting": "s", "cell": key, "seed": 0, "test_accuracy": accuracy, "metric": metric,
             "layers": layers, "config": {"mixer": mixer, "kv_pairs": kv, "copy_tokens": 3, "task": task,
@@ -55,13 +56,16 @@ def _record(key, mixer, accuracy, ess_total, layers, kv=4, task="mqar", seq_len=
 
 
 def test_model_rows_follow_the_stated_conventions():
-    gla = {"a": {"channels": 2, "tss": 8, "needed": 3}, "b": {"channels": 2, "tss": 8, "needed": 5}}
+    gla = {"a": {"channels": 2, "tss": 8, "needed": 3, "value_width": 16},
+           "b": {"channels": 2, "tss": 8, "needed": 5, "value_width": 16}}
     sa = {"a": {"channels": 4, "tss": None, "needed": 20}}
     rows = ess_predicts.model_rows([_record("g", "gla", 0.5, 12.0, gla),
                                     _record("s", "sa", 0.9, 40.0, sa, task="selective_copying")])
     g, s = rows
     assert g["ess_per_kv"] == 3.0 and g["tss_per_kv"] == (2 * 8 + 2 * 8) / 4
     assert g["channel_ess_per_kv"] == pytest.approx((3.0 + 3.0) / 4) and g["channel_tss_per_kv"] == 16 / 4
+    assert g["float_ess_per_kv"] == 12.0 * 16 / 4 and g["float_tss_per_kv"] == 2 * 2 * 8 * 16 / 4
+    assert s["float_tss_per_kv"] == s["tss_per_kv"]  # no value width recorded: 1
     assert s["items"] == 3 and s["tss_per_kv"] == 4 * 64 / 3  # attention: the sequence length per channel
     with pytest.raises(ValueError, match="older"):
         ess_predicts.model_rows([{**_record("o", "gla", 0.1, 1.0, gla), "layers": None}])
@@ -99,6 +103,17 @@ def _run(key, accuracy, ess, tss, needed, kv=8, teacher=None, kl=None):
     return record if kl is None else {**record, "test_distill_kl": kl}
 
 
+def test_within_group_spearman_is_not_fooled_by_a_shared_trait():
+    """Across groups x and y rise together, inside each group they fall: the pooled rho is
+    positive, the within-group rho is -1 (Simpson's paradox)."""
+    x = [1, 2, 3, 11, 12, 13, 21, 22, 23]
+    y = [3, 2, 1, 13, 12, 11, 23, 22, 21]
+    groups = [4, 4, 4, 8, 8, 8, 16, 16, 16]
+    assert ess_predicts.bootstrap_spearman(x, y)[0] > 0.5
+    rho, (_, high) = ess_predicts.stratified_spearman(x, y, groups)
+    assert rho == pytest.approx(-1.0) and high == pytest.approx(-1.0)
+
+
 def test_distillation_report_joins_students_to_their_teachers(tmp_path):
     teachers = [_run(f"kv8/t{i}/seed0", 0.9, ess, 64, needed) for i, (ess, needed) in
                 enumerate([(10.0, 6), (20.0, 12), (40.0, 30)])]
@@ -117,7 +132,7 @@ def test_distillation_report_joins_students_to_their_teachers(tmp_path):
                                 distill_study.student_rows(students, distill_study.teacher_rows(teachers)))
     assert "| kv8/t2/seed0 | 8 | 0.900 | 40.0 | 20.00 | 64 | 30 |" in text
     assert "| scratch | 0.200 | - | - | - |" in text
-    assert "| 4 | 3 | +1.00 | -1.00 |" in text  # higher teacher ESS: larger KL, lower retention
+    assert "| 4 | 3 | +1.00 | +1.00 | -1.00 | -1.00 |" in text  # more teacher ESS: more KL, less retention
     assert "at or above: 0.93" in text and "below half: 0.20" in text and figure.stat().st_size > 0
     orphan = _run("kv8_x/student_4/seed0", 0.1, 1.0, 4, 4, teacher="runs/sweeps/distill_teachers/kv8/x/seed0")
     with pytest.raises(ValueError, match="run the teachers' grid first"):

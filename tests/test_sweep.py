@@ -60,8 +60,9 @@ def test_two_cell_grid_runs_resumes_and_reports(tmp_path):
     assert sorted(r["key"] for r in records) == ["gla/floor/seed0", "gla/none/seed0"]
     assert all(0 <= r["test_accuracy"] <= 1 and r["utilization"] > 0 for r in records)
     for r in records:  # what the ESS-vs-TSS study reads: the layer's size and its measured ESS
-        assert r["layers"] == {"blocks.0.mixer": {"channels": 4, "tss": 2, "needed": r["layers"][
-            "blocks.0.mixer"]["needed"]}} and 1 <= r["layers"]["blocks.0.mixer"]["needed"] <= 2
+        layer = r["layers"]["blocks.0.mixer"]
+        assert layer == {"channels": 4, "tss": 2, "value_width": 4, "needed": layer["needed"]}
+        assert list(r["layers"]) == ["blocks.0.mixer"] and 1 <= layer["needed"] <= 2
         assert r["metric"]["blocks.0.mixer/tss"] == 2 and r["metric"]["ess/total"] > 0
     again = _sweep("run", str(grid))  # seeds 0 and 1: only seed 1 runs
     assert again.returncode == 0, again.stderr

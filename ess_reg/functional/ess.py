@@ -144,7 +144,8 @@ def _gramian_spectrum(op: DiagonalRealization, index: torch.Tensor, rank: int,
         require_fits(per_channel * count, op.device,
                      f"the Gramian route with gradients ({count} channels, L={length}, "
                      f"{index.numel()} splits, state {width})",
-                     "pass fewer splits= (e.g. splits=16) or a smaller batch")
+                     "pass fewer splits= (e.g. splits=16) or a smaller batch (ESSRegularizer: "
+                     "max_operators=K measures a random K of the operators)")
     else:
         budget = memory_budget(op.device)
         require_fits(per_channel, op.device, f"the Gramian route for one channel (L={length}, "

@@ -158,7 +158,8 @@ class ESSRegularizer:
         self._grad_scaler: Any = None
         self._split_cache: dict[int, torch.Tensor] = {}
         self._split_step = -1
-        self._pending: dict[str, list[tuple[Operator, Any]]] = {}  # loss-term: (operator, splits)
+        self._pending: dict[str, list[tuple[Operator, Any, object]]] = {}  # loss-term: (op, splits, token)
+        self._backwarded: set[object] = set()  # tokens of pending forwards a backward went through
         self._forward_splits: Any = None  # this forward's splits from a callable ``splits``
         self._calls: dict[str, int] = {}  # calls of each layer in the model's current forward
         self._step_terms: list[torch.Tensor] = []  # attached mode: terms built in this step's backward
@@ -379,7 +380,7 @@ class ESSRegularizer:
             self._pending.setdefault(name, []).append((op, at, token))
             anchor = next((t for t in op.tensors() if t.requires_grad), None)
             if anchor is not None:  # a backward through this forward without reg(): forget it
-                anchor.register_hook(_Forget(self, name, token))
+                anchor.register_hook(_Forget(self, token))
             return None
         self.operators[name] = _detached(op)  # the injection node holds the graph until backward
         tensors = op.tensors()
@@ -440,7 +441,7 @@ class ESSRegularizer:
         """Remove all hooks and drop kept operators."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self.operators, self._pending = [], {}, {}
+        self._handles, self.operators, self._pending, self._backwarded = [], {}, {}, set()
 
     def __enter__(self) -> ESSRegularizer:
         return self
@@ -457,7 +458,7 @@ class ESSRegularizer:
         operators or a grad scaler."""
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("operators", "generator", "_grad_scaler", "_split_cache", "_pending", "_calls",
-                              "_step_terms", "_last_penalty", "_micro_sum", "_not_causal")}
+                              "_step_terms", "_last_penalty", "_micro_sum", "_not_causal", "_backwarded")}
         _require_picklable(self)
         state["generator_state"] = self.generator.get_state()
         return state
@@ -469,6 +470,7 @@ class ESSRegularizer:
         self.generator.set_state(generator_state)
         self.operators, self._grad_scaler, self._split_cache = {}, None, {}
         self._pending, self._calls, self._step_terms, self._last_penalty = {}, {}, [], None
+        self._backwarded = set()
         self._micro_sum, self._not_causal = None, {}
 
     def __repr__(self) -> str:
@@ -489,6 +491,11 @@ class _StartForward:
             return
         reg = self.regularizer
         reg._calls = {}
+        if reg._backwarded and reg._capture_now():  # forwards already backwarded without reg()
+            done = reg._backwarded
+            pending = {name: [e for e in ops if e[2] not in done] for name, ops in reg._pending.items()}
+            reg._pending = {name: ops for name, ops in pending.items() if ops}
+            reg._backwarded = set()
         if callable(reg.splits) and reg._capture_now():
             first = args[0] if args else kwargs.get("input_ids", next(iter(kwargs.values()), None))
             splits = reg.splits(first)
@@ -502,22 +509,18 @@ class _StartForward:
 
 
 class _Forget:
-    """Tensor hook on a captured operator: when a backward passes through a forward whose penalty
-    was never asked for (a step without ``reg()``), its operators leave the pending list, with the
-    graph they hold. Holds a weak reference and a token, so it keeps nothing alive."""
+    """Tensor hook on a captured operator: a backward passed through its forward. If ``reg()`` has
+    not taken that forward's operators yet (a step without the penalty), the next forward that
+    captures drops them, with the graph they hold; until then ``reg()`` can still read them.
+    Holds a weak reference and a token, so it keeps nothing alive."""
 
-    def __init__(self, regularizer: ESSRegularizer, name: str, token: object) -> None:
-        self.regularizer, self.name, self.token = weakref.ref(regularizer), name, token
+    def __init__(self, regularizer: ESSRegularizer, token: object) -> None:
+        self.regularizer, self.token = weakref.ref(regularizer), token
 
     def __call__(self, grad: torch.Tensor) -> None:
         reg = self.regularizer()
-        if reg is None or self.name not in reg._pending:
-            return
-        kept = [entry for entry in reg._pending[self.name] if entry[2] is not self.token]
-        if kept:
-            reg._pending[self.name] = kept
-        else:
-            del reg._pending[self.name]
+        if reg is not None:
+            reg._backwarded.add(self.token)
 
 
 class _InertHook:

@@ -50,11 +50,16 @@ def saved_for_backward(case: Case, mode: str) -> float:
     return sum(storages.values()) / 2**20
 
 
-def measure(name: str, rounds: int) -> list[str]:
-    """The report lines of one case."""
+def measure(name: str, rounds: int, penalty_only: bool = False) -> list[str]:
+    """The report lines of one case (``penalty_only``: the penalty's own time alone)."""
     device = torch.device("cpu")
     case = build(name, device)
     lines = [f"## {name}: {case.description}"]
+    if penalty_only:
+        auto = penalty_time(case, rounds=rounds)
+        every = penalty_time(case, rounds=rounds, max_operators=None)
+        return [*lines, f"penalty alone: {auto * 1e3:.1f} ms (max_operators='auto'), {every * 1e3:.1f} ms "
+                        f"(every operator), {every / auto:.1f}x"]
     steppers = {mode: stepper(build(name, device), mode) for mode in ("none", "loss", "attach")}
     times = step_times(steppers, device, rounds=rounds, repeats=1)
     for mode, seconds in times.items():
@@ -74,12 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best kept)")
+    parser.add_argument("--penalty-only", action="store_true", help="only the penalty's own time")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.cases.split(","):
-        print("\n".join(measure(name, args.rounds)), flush=True)
+        print("\n".join(measure(name, args.rounds, args.penalty_only)), flush=True)
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def train_one(run: Run, folder: str) -> dict[str, Any]:
             saved = resume_config(folder)
         except ValueError:  # not a checkpoint this code can continue
             saved = None
-        if saved is not None and dataclasses.replace(saved, out=folder) == config:  # interrupted
+        if saved is not None and same_run(dataclasses.replace(saved, out=folder), config):  # interrupted
             config, resumed = saved, True
         else:
             print(f"  {run.key}: the grid changed since its checkpoint; starting it again", flush=True)
@@ -211,6 +211,18 @@ def train_one(run: Run, folder: str) -> dict[str, Any]:
             "seconds": time.perf_counter() - start, "resumed": resumed,
             "train_seconds": last.get("elapsed_s"), "metric": metric, "layers": sizes,
             **({"test_distill_kl": last["test_distill_kl"]} if "test_distill_kl" in last else {})}
+
+
+def same_run(a: Any, b: Any) -> bool:
+    """Whether two configs train the same run: equal, up to options of an ESS regularizer that
+    neither has (``reg_max_operators`` means nothing without one)."""
+    def effective(config: Any) -> dict[str, Any]:
+        fields = dataclasses.asdict(config)
+        if not (config.reg_weight > 0 and config.reg_kind != "transition"):
+            fields.pop("reg_max_operators", None)
+        return fields
+
+    return effective(a) == effective(b)
 
 
 def layer_sizes(folder: str, config: Any) -> dict[str, dict[str, Any]]:

@@ -136,3 +136,20 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"1 run\(s\) failed.*gla/broken/seed0"):
         sweep.run_grid(grid, workers=2, echo=False)
     assert list(grid.done()) == ["gla/none/seed0"]
+
+
+def test_options_of_a_regularizer_a_run_does_not_have_do_not_restart_it():
+    import importlib.util
+
+    from ess_reg.training import TrainConfig
+
+    spec = importlib.util.spec_from_file_location("sweep_under_test", SWEEP)
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("sweep_under_test", sweep)  # dataclasses look their module up there
+    spec.loader.exec_module(sweep)
+    plain = TrainConfig(reg_max_operators="all")
+    assert sweep.same_run(plain, TrainConfig()) and not sweep.same_run(plain, TrainConfig(steps=3))
+    transition = TrainConfig(reg_kind="transition", reg_weight=1.0, reg_max_operators="all")
+    assert sweep.same_run(transition, TrainConfig(reg_kind="transition", reg_weight=1.0))
+    ess = TrainConfig(reg_weight=0.1, reg_max_operators="all")
+    assert not sweep.same_run(ess, TrainConfig(reg_weight=0.1))

@@ -60,8 +60,8 @@ class SoftmaxAttention(SequenceMixer):
         scores = q @ k.mT / math.sqrt(q.shape[-1])
         length = q.shape[-2]
         causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        return DenseOperator(torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1),
-                             validate=False)
+        # masked with -inf before the softmax: exactly lower-triangular, no tril pass needed
+        return DenseOperator._triangular(torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1))
 
     def readout(self, f, y):
         return self.out(merge_heads(y))

@@ -51,8 +51,17 @@ class DenseOperator(Operator):
             _require_causal(matrix)
         self._matrix = matrix.tril()
 
+    @classmethod
+    def _triangular(cls, matrix: torch.Tensor) -> DenseOperator:
+        """An operator over ``matrix`` that is already exactly lower-triangular (a tensor of another
+        operator, a subset of its channels, its copy on another device): no check, no ``tril``,
+        which on a ``[B, H, L, L]`` attention matrix would cost a pass over it and its backward."""
+        op = cls.__new__(cls)
+        op._matrix = matrix
+        return op
+
     def rebuild(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> DenseOperator:
-        return DenseOperator(tensors[0], validate=False)
+        return DenseOperator._triangular(tensors[0])
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -86,7 +95,7 @@ class DenseOperator(Operator):
         return self._matrix if dtype is None else self._matrix.to(dtype)
 
     def to(self, *args: Any, **kwargs: Any) -> DenseOperator:
-        return DenseOperator(self._matrix.to(*args, **kwargs), validate=False)
+        return DenseOperator._triangular(self._matrix.to(*args, **kwargs))
 
 
 def _require_causal(matrix: torch.Tensor) -> None:

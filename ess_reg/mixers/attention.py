@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ess_reg.mixers._kernels import merge_heads, split_heads
 from ess_reg.mixers.base import SequenceMixer
-from ess_reg.operators import DenseOperator
+from ess_reg.operators import SoftmaxAttentionOperator
 
 
 def rotary(x: torch.Tensor, base: float = 10_000.0) -> torch.Tensor:
@@ -56,12 +54,8 @@ class SoftmaxAttention(SequenceMixer):
         return F.scaled_dot_product_attention(f["q"], f["k"], f["u"], is_causal=True)
 
     def build_operator(self, f):
-        q, k = f["q"], f["k"]
-        scores = q @ k.mT / math.sqrt(q.shape[-1])
-        length = q.shape[-2]
-        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        # masked with -inf before the softmax: exactly lower-triangular, no tril pass needed
-        return DenseOperator._triangular(torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1))
+        # formed on demand, for the heads asked about: the forward itself never forms T
+        return SoftmaxAttentionOperator(f["q"], f["k"])
 
     def readout(self, f, y):
         return self.out(merge_heads(y))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ess_reg.operators.attention import SoftmaxAttentionOperator
 from ess_reg.operators.base import NotCausalError, Operator
 from ess_reg.operators.dense import DenseOperator
 from ess_reg.operators.diagonal import DiagonalRealization
 
-__all__ = ["DenseOperator", "DiagonalRealization", "NotCausalError", "Operator", "as_operator"]
+__all__ = ["DenseOperator", "DiagonalRealization", "NotCausalError", "Operator", "SoftmaxAttentionOperator",
+           "as_operator"]
 
 
 def as_operator(operator: Operator | torch.Tensor, name: str = "operator") -> Operator:

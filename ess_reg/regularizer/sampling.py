@@ -15,7 +15,7 @@ import zlib
 
 import torch
 
-from ess_reg.operators import DenseOperator, DiagonalRealization, Operator
+from ess_reg.operators import DenseOperator, DiagonalRealization, Operator, SoftmaxAttentionOperator
 
 #: ``max_operators="auto"``: each layer's penalty may cost about this many multiply-adds a step
 #: (:func:`operator_cost` per operator); wider layers are sampled down to it, never below
@@ -80,7 +80,7 @@ def sample_operators(op: Operator, count: int, generator: torch.Generator
     types (a subclass may hold more than its tensors, e.g. its own ``state_size``, which a rebuilt
     subset would lose): then every operator counts.
     """
-    if type(op) not in (DenseOperator, DiagonalRealization):
+    if type(op) not in (DenseOperator, DiagonalRealization, SoftmaxAttentionOperator):
         return None
     shape = tuple(op.shape)
     total = 1

@@ -80,11 +80,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help that shows each option's default, unless its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is argparse.SUPPRESS or action.default is False
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ess-reg", description="Effective state-size of sequence models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = commands.add_parser("train", help="train a SequenceModel on a synthetic task, logging ESS")
+    train = commands.add_parser("train", help="train a SequenceModel on a synthetic task, logging ESS",
+                                formatter_class=_DefaultsHelp)
     _add_train_arguments(train)
 
     analyze = commands.add_parser("analyze", help="per-layer ESS table of a trained run")
@@ -126,22 +138,24 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     train.add_argument("--mixer", default=defaults.mixer,
                        help=f"mixer name, or a comma-separated list per layer ({', '.join(MIXERS)})")
-    train.add_argument("--task", default=defaults.task, choices=sorted(TASKS))
-    train.add_argument("--seq-len", type=_positive, default=defaults.seq_len)
+    train.add_argument("--task", default=defaults.task, choices=sorted(TASKS), help="synthetic task")
+    train.add_argument("--seq-len", type=_positive, default=defaults.seq_len, help="sequence length L")
     train.add_argument("--kv-pairs", type=_positive, default=defaults.kv_pairs, help="MQAR key-value pairs")
     train.add_argument("--copy-tokens", type=_positive, default=defaults.copy_tokens,
                        help="selective copying: tokens to copy")
-    train.add_argument("--vocab-size", type=_positive, default=defaults.vocab_size)
-    train.add_argument("--d-model", type=_positive, default=defaults.d_model)
-    train.add_argument("--layers", type=_positive, default=defaults.layers)
-    train.add_argument("--steps", type=_positive, default=defaults.steps)
-    train.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
-    train.add_argument("--lr", type=_positive_float, default=defaults.lr)
+    train.add_argument("--vocab-size", type=_positive, default=defaults.vocab_size, help="number of tokens")
+    train.add_argument("--d-model", type=_positive, default=defaults.d_model, help="model width")
+    train.add_argument("--layers", type=_positive, default=defaults.layers, help="mixer blocks")
+    train.add_argument("--steps", type=_positive, default=defaults.steps, help="optimizer steps")
+    train.add_argument("--batch-size", type=_positive, default=defaults.batch_size, help="examples per step")
+    train.add_argument("--lr", type=_positive_float, default=defaults.lr,
+                       help="AdamW learning rate (warm-up, then cosine decay)")
     train.add_argument("--log-every", type=_positive, default=defaults.log_every,
                        help="evaluate accuracy and ESS every N steps")
-    train.add_argument("--train-examples", type=_positive, default=defaults.train_examples)
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--device", default=defaults.device)
+    train.add_argument("--train-examples", type=_positive, default=defaults.train_examples,
+                       help="size of the generated training set")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="seed of the model, data and splits")
+    train.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
     train.add_argument("--out", default=defaults.out, help="run folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     from init_schemes import SCHEMES

@@ -241,3 +241,13 @@ def test_train_help_lists_the_resume_flags(capsys):
         assert flag in text
     for default in ("default: start a new run", "default: refuse", "default: at every evaluation"):
         assert default in text
+
+
+def test_train_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("sequence length L (default: 64)", "weight of the regularizer (0: none) (default: 0.0)",
+                  "gla_s6", "(default: runs/default)", "(default: 0.003)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text

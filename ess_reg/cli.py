@@ -150,8 +150,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=_positive, default=defaults.batch_size, help="examples per step")
     train.add_argument("--lr", type=_positive_float, default=defaults.lr,
                        help="AdamW learning rate (warm-up, then cosine decay)")
-    train.add_argument("--log-every", type=_positive, default=defaults.log_every,
-                       help="evaluate accuracy and ESS every N steps")
+    train.add_argument("--log-every", type=_positive, default=None,
+                       help=f"evaluate accuracy and ESS every N steps (default: a tenth of --steps, at most "
+                            f"{defaults.log_every}, so short runs still draw curves)")
     train.add_argument("--train-examples", type=_positive, default=defaults.train_examples,
                        help="size of the generated training set")
     train.add_argument("--seed", type=int, default=defaults.seed, help="seed of the model, data and splits")
@@ -234,7 +235,10 @@ def _train(args: argparse.Namespace) -> None:
         config = _resumed_config(args)
     else:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        values = {k: v for k, v in vars(args).items() if k in fields}
+        if values["log_every"] is None:
+            values["log_every"] = min(TrainConfig.log_every, max(1, values["steps"] // 10))
+        config = TrainConfig(**values)
     last = train(config, progress=not args.no_progress, overwrite=args.overwrite,
                  resume=args.resume is not None)
     ess = ", ".join(f"{k} {v:.2f}" for k, v in last["ess"].items())

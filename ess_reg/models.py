@@ -94,6 +94,7 @@ class SequenceModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L] -> [B, L, D]`` (before the final norm)."""
+        _require_token_ids(input_ids)
         if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         x = self.embedding(input_ids)
@@ -143,3 +144,23 @@ class AutoEncoderModel(nn.Module):
     def from_config(cls, config: dict[str, Any]) -> AutoEncoderModel:
         config = {k: v for k, v in config.items() if k not in ("autoencoder", "mlp_ratio")}
         return cls(**config)
+
+
+def _require_token_ids(input_ids: object) -> None:
+    """A one-line TypeError for the inputs a newcomer passes instead of a ``[B, L]`` id tensor."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got shape "
+                             f"{tuple(input_ids.shape)}" + ("; add a batch dimension: x[None]"
+                                                            if input_ids.dim() == 1 else ""))
+        return
+    kind = type(input_ids).__name__
+    if isinstance(input_ids, dict):
+        hint = "a dict (a tokenizer's batch?): pass its 'input_ids' entry"
+    elif hasattr(input_ids, "__array__"):
+        hint = f"a {kind}: convert it with torch.as_tensor(x, dtype=torch.long)"
+    elif isinstance(input_ids, list | tuple):
+        hint = f"a {kind}: convert it with torch.tensor(x, dtype=torch.long)"
+    else:
+        hint = f"a {kind}"
+    raise TypeError(f"input_ids must be a torch tensor of token ids [batch, length], got {hint}")

@@ -193,3 +193,34 @@ def test_huge_finite_entries_are_not_mistaken_for_inf():
     matrix[0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         ess_curve(DenseOperator(matrix))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(lambda: __import__("numpy").zeros((2, 8), dtype="int64"), "torch.as_tensor"),
+     (lambda: [[1, 2, 3, 4]], r"torch.tensor\(x"),
+     (lambda: {"input_ids": torch.zeros(2, 8, dtype=torch.long)}, "'input_ids' entry"),
+     (lambda: torch.zeros(8, dtype=torch.long), r"x\[None\]")],
+)
+def test_token_ids_of_the_wrong_kind_say_how_to_fix_them(bad, message):
+    from ess_reg import capture_operators
+    from ess_reg.models import SequenceModel
+
+    with pytest.raises((TypeError, ValueError), match=message):
+        capture_operators(SequenceModel("gla", 16, 1, 32), bad())
+
+
+def test_sequences_of_length_one_have_no_split():
+    from ess_reg import ESSRegularizer, capture_operators, state_size_needed
+    from ess_reg.models import SequenceModel
+
+    model = SequenceModel("gla", 16, 1, 32)
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    op = next(iter(capture_operators(model, ids).values()))
+    for call in (lambda: ess_curve(op), lambda: state_size_needed(model, ids)):
+        with pytest.raises(ValueError, match="length 1 has no split"):
+            call()
+    reg = ESSRegularizer(model)
+    model(ids)
+    with pytest.raises(ValueError, match="'blocks.0.mixer' saw sequences of length 1"):
+        reg()

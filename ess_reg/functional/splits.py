@@ -17,6 +17,9 @@ def resolve_splits(splits: Splits, seq_len: int, device: torch.device | None = N
     of one of ``k`` equal cells of ``1 .. L-1`` (``k >= L-1`` gives all of them; ``k = 1`` gives the
     middle). A sequence or 1-D integer tensor: exactly those splits, in that order.
     """
+    if seq_len < 2:
+        raise ValueError(f"a sequence of length {seq_len} has no split: ESS looks at the block of outputs "
+                         "from position i on against inputs before i, so it needs L >= 2")
     last = seq_len - 1
     if splits is None:
         return torch.arange(1, seq_len, device=device)

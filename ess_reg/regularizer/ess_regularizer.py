@@ -292,6 +292,9 @@ class ESSRegularizer:
         return torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
     def _layer_term(self, name: str, op: Operator, share: float, splits: Any = None) -> torch.Tensor:
+        if op.seq_len < 2:
+            raise ValueError(f"layer {name!r} saw sequences of length {op.seq_len}: a split needs L >= 2 "
+                             "(the ESS penalty measures memory carried from one position to a later one)")
         sampled = self._sample(name, op, splits)
         value = self.utilization(op, splits) if sampled is None else self._utilization(*sampled, splits)
         self.values[name] = value.detach()

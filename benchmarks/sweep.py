@@ -247,7 +247,7 @@ def layer_sizes(folder: str, config: Any) -> dict[str, dict[str, Any]]:
 
 
 def _value_width(module: Any) -> int:
-    for attribute in ("value_dim", "head_dim"):
+    for attribute in ("value_dim", "head_dim", "headdim"):
         if isinstance(getattr(module, attribute, None), int):
             return getattr(module, attribute)
     heads, width = getattr(module, "num_heads", None), getattr(module, "d_model", None)

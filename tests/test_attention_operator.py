@@ -72,3 +72,17 @@ def test_the_attention_mixer_hands_it_to_the_regularizer_in_both_modes():
     assert any(g.abs().sum() > 0 for g in grads["loss_term"])
     for a, b in zip(grads["loss_term"], grads["attached"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_half_precision_scores_do_not_overflow_and_bad_inputs_are_named():
+    q = torch.full((1, 1, 6, 4), 130.0, dtype=torch.float16)
+    op = SoftmaxAttentionOperator(q, q.clone())
+    assert op.dtype == torch.float32 and torch.isfinite(op.matrix).all()
+    assert torch.isfinite(ess_curve(op)).all()
+    with pytest.raises(TypeError, match="one dtype"):
+        SoftmaxAttentionOperator(torch.zeros(1, 4, 3), torch.zeros(1, 4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="real floating point"):
+        z = torch.zeros(1, 4, 3, dtype=torch.complex64)
+        SoftmaxAttentionOperator(z, z)
+    with pytest.raises(ValueError, match="d >= 1"):
+        SoftmaxAttentionOperator(torch.zeros(1, 4, 0), torch.zeros(1, 4, 0))

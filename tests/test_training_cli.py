@@ -256,7 +256,8 @@ def test_train_help_shows_every_default(capsys):
 def test_short_runs_evaluate_often_enough_to_draw_curves(tmp_path):
     out = tmp_path / "short"
     args = ["train", "--seq-len", "16", "--kv-pairs", "2", "--vocab-size", "32", "--d-model", "16",
-            "--batch-size", "4", "--train-examples", "32", "--no-progress", "--steps", "20", "--out", str(out)]
+            "--batch-size", "4", "--train-examples", "32", "--no-progress", "--steps", "20",
+            "--out", str(out)]
     assert main(args) == 0
     assert _steps(out) == list(range(2, 21, 2))
     assert json.loads((out / "config.json").read_text())["log_every"] == 2

@@ -488,3 +488,23 @@ def test_hf_gradient_checkpointing_keeps_penalty_and_gradients(mode):
         grads[checkpointed] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     for a, b in zip(grads[False], grads[True], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mixer", ["gla", "sa", "hyena"])
+def test_skipped_steps_two_views_and_a_value_after_backward(mixer):
+    """Every layer kind: steps without reg() (a layer whose operator is off the loss's path
+    included), two views backwarded one by one, and reg() read after a backward (its value only)."""
+    torch.manual_seed(0)
+    model = SequenceModel(mixer, d_model=16, n_layers=1, vocab_size=VOCAB)
+    ids = _ids()
+    reg = ESSRegularizer(model, splits=4)
+    for step in range(4):
+        loss = _loss(model, ids)
+        if step % 2:
+            loss = loss + reg()
+        loss.backward()
+    _loss(model, ids).backward()
+    (_loss(model, ids) + reg()).backward()
+    _loss(model, ids).backward()
+    value = reg()
+    assert torch.isfinite(value) and not value.requires_grad

@@ -20,7 +20,9 @@ class SoftmaxAttentionOperator(DenseOperator):
     ``B x H`` of them, and keeps no ``[B, H, L, L]`` tensor alive between forward and backward.
 
     Args:
-        q, k: ``[..., H, L, d]`` queries and keys of the same shape (batch optional).
+        q, k: ``[..., H, L, d]`` real floating-point queries and keys of the same shape and dtype
+            (batch optional). The matrix is formed in at least float32 (as autocast computes a
+            softmax), with ``q`` scaled before the product, so half-precision scores do not overflow.
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -30,6 +32,10 @@ class SoftmaxAttentionOperator(DenseOperator):
             raise ValueError(f"q and k must have the same shape [..., H, L, d], got {tuple(q.shape)} and "
                              f"{tuple(k.shape)}")
         require_seq_len(q.shape[-2], "q")
+        if q.dtype != k.dtype or not q.is_floating_point():
+            raise TypeError(f"q and k must be real floating point of one dtype, got {q.dtype} and {k.dtype}")
+        if q.shape[-1] < 1:
+            raise ValueError("q and k need a head dimension d >= 1, got 0")
         self._q, self._k = q, k
 
     @property
@@ -47,7 +53,7 @@ class SoftmaxAttentionOperator(DenseOperator):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._q.dtype
+        return torch.promote_types(self._q.dtype, torch.float32)
 
     @property
     def device(self) -> torch.device:
@@ -57,8 +63,9 @@ class SoftmaxAttentionOperator(DenseOperator):
         return (self._q, self._k)
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        q, k = self._q, self._k
-        scores = q @ k.mT / math.sqrt(q.shape[-1])
+        wide = self.dtype
+        q, k = self._q.to(wide), self._k.to(wide)
+        scores = (q / math.sqrt(q.shape[-1])) @ k.mT
         length = q.shape[-2]
         causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
         matrix = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)  # exactly triangular

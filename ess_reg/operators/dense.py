@@ -61,6 +61,8 @@ class DenseOperator(Operator):
         return op
 
     def rebuild(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> DenseOperator:
+        """The operator over a replacement matrix, which must be lower-triangular like this one's
+        (not checked: rebuilds run in every regularized step)."""
         return DenseOperator._triangular(tensors[0])
 
     @property

@@ -284,12 +284,22 @@ class ESSRegularizer:
                     batch_splits(splits, op.seq_len)
         pending = self._pending
         layers = len(pending)
-        terms = [self._layer_term(name, op, 1.0 / (layers * len(ops)), at if splits is None else splits)
-                 for name, ops in pending.items() for op, at, _ in ops]
-        self._pending, self._not_causal = {}, {}
+        terms = [self._pending_term(name, op, 1.0 / (layers * len(ops)), at if splits is None else splits,
+                                    token in self._backwarded)
+                 for name, ops in pending.items() for op, at, token in ops]
+        self._pending, self._not_causal, self._backwarded = {}, {}, set()
         for name, ops in pending.items():
             self.operators[name] = _detached(ops[-1][0])
         return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+    def _pending_term(self, name: str, op: Operator, share: float, splits: Any,
+                      backwarded: bool) -> torch.Tensor:
+        """A pending forward's term; one whose graph a backward already consumed counts its value
+        only (a detached term: nothing can be differentiated through a freed graph)."""
+        if not backwarded:
+            return self._layer_term(name, op, share, splits)
+        with torch.no_grad():
+            return self._layer_term(name, _detached(op), share, splits)
 
     def _layer_term(self, name: str, op: Operator, share: float, splits: Any = None) -> torch.Tensor:
         if op.seq_len < 2:
@@ -381,7 +391,9 @@ class ESSRegularizer:
             self.operators[name] = op
             token = object()
             self._pending.setdefault(name, []).append((op, at, token))
-            anchor = next((t for t in op.tensors() if t.requires_grad), None)
+            # the layer's output lies on the loss's path (an operator tensor may not, or be a leaf)
+            anchor = output if isinstance(output, torch.Tensor) and output.requires_grad else next(
+                (t for t in op.tensors() if t.requires_grad and t.grad_fn is not None), None)
             if anchor is not None:  # a backward through this forward without reg(): forget it
                 anchor.register_hook(_Forget(self, token))
             return None

@@ -293,6 +293,11 @@ def _analyze_hf(args: argparse.Namespace) -> None:
             ids = torch.tensor([[int(t) for t in args.ids.split(",")]])
         except ValueError:
             raise ValueError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+        vocab = getattr(model.config, "vocab_size", None)
+        outside = [int(t) for t in ids[0] if t < 0 or (vocab is not None and t >= vocab)]
+        if outside:
+            top = "?" if vocab is None else vocab - 1
+            raise ValueError(f"--ids holds token ids outside the vocabulary 0 .. {top}: {outside[:5]}")
     elif args.text:
         ids = tokenize(args.hf, args.text)
     else:

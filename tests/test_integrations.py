@@ -235,6 +235,9 @@ def test_analyze_hf_local_config(tmp_path, capsys):
     assert "layers.0.mixer" in capsys.readouterr().out
     assert main(["analyze", "--hf", str(tmp_path / "nothing")]) == 2
     assert main(["analyze", "--hf", str(tmp_path / "mamba"), "--ids", "1,x"]) == 2
+    capsys.readouterr()
+    assert main(["analyze", "--hf", str(tmp_path / "mamba"), "--ids", "1,2,50,3"]) == 2  # vocabulary 0 .. 49
+    assert "outside the vocabulary 0 .. 49: [50]" in capsys.readouterr().err
     assert main(["analyze", "--hf", str(tmp_path / "mamba"), "--text", str(tmp_path / "t.txt")]) == 2
 
 

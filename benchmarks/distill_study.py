@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ess_predicts import bootstrap_spearman, load_records, stratified_spearman
+from ess_predicts import bootstrap_spearman, load_records, save_figure, stratified_spearman
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHERS = REPO / "benchmarks" / "sweeps" / "distill_teachers.jsonl"
@@ -152,10 +152,7 @@ def plot(students: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.set_xlabel("teacher total ESS")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    return save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -232,6 +232,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(title="mixer")
     figure.suptitle(title)
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: str | Path) -> Path:
+    """Write a matplotlib ``Figure`` to ``path`` (folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -98,6 +98,12 @@ def make_model(config: TrainConfig) -> torch.nn.Module:
 
 def load_run(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """Load a run folder (or its ``checkpoint.pt``): the trained model and its config."""
+    model, config, _ = _load_run_state(path, device)
+    return model, config
+
+
+def _load_run_state(path: str | Path, device: str) -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
+    """:func:`load_run`, plus the checkpoint's contents (its ``step``, for one)."""
     path = Path(path)
     checkpoint = path / "checkpoint.pt" if path.is_dir() else path
     if not checkpoint.exists():
@@ -111,7 +117,7 @@ def load_run(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tr
         first = str(error).strip().splitlines()
         raise ValueError(f"{checkpoint} does not fit the model its config builds: "
                          f"{' '.join(line.strip() for line in first[:3])}") from None
-    return model.to(device).eval(), config
+    return model.to(device).eval(), config, state
 
 
 #: Fields a resumed run may change: none of them alters the parameters reached at a given step
@@ -211,10 +217,7 @@ def load_teacher(config: TrainConfig) -> torch.nn.Module | None:
     if config.teacher is None:
         return None
     try:
-        teacher, teacher_config = load_run(config.teacher, device="cpu")
-        path = Path(config.teacher)
-        state = torch.load(path / "checkpoint.pt" if path.is_dir() else path, map_location="cpu",
-                           weights_only=True)
+        teacher, teacher_config, state = _load_run_state(config.teacher, device="cpu")
     except ValueError as error:
         raise ValueError(f"teacher {config.teacher!r}: {error}") from None
     except Exception as error:  # any unreadable file: say what was expected

@@ -1,6 +1,7 @@
 """ess-reg: measure and shape the effective state-size (ESS) of sequence models."""
 
-from ess_reg.capture import capture_operators, register_extractor
+from ess_reg.capture import Capture, capture_operators, register_extractor
+from ess_reg.capture_check import check_capture
 from ess_reg.diagnostics import diagnose
 from ess_reg.distill import distillation_loss
 from ess_reg.functional import (
@@ -35,6 +36,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ess_reg' has no attribute {name!r}")
 
 __all__ = [
+    "Capture",
     "DenseOperator",
     "DiagonalRealization",
     "ESSMetric",
@@ -45,6 +47,7 @@ __all__ = [
     "TransitionPenalty",
     "average_ess",
     "capture_operators",
+    "check_capture",
     "diagnose",
     "distillation_loss",
     "ess_curve",

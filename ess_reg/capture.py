@@ -19,8 +19,30 @@ from ess_reg._class_lookup import lookup_by_class
 from ess_reg.mixers import SequenceMixer
 from ess_reg.operators import NotCausalError, Operator
 
-#: ``fn(module, args, kwargs, output) -> Operator`` called after the module's forward.
-Extractor = Callable[[nn.Module, tuple, dict, Any], Operator]
+
+@dataclass(frozen=True)
+class Capture:
+    """An extractor's full answer: the operator and the sequences it was checked on.
+
+    ``readout(T u)`` (``T u`` itself when ``readout`` is None) must equal ``y``, what the layer
+    returned, so :func:`ess_reg.check_capture` can verify the extractor on any input.
+
+    Attributes:
+        operator: the layer's causal operator, leading dims ``[B, C]`` (batch optional).
+        u: ``[B, C, L, P]``: the sequence ``T`` acts on (broadcast against the operator's dims).
+        y: what the layer computed from it (the layer's own output, any shape).
+        readout: maps ``T u`` ``[B, C, L, P]`` to ``y``'s form with the layer's own weights (the
+            output projection, gates, skips, norms); None when ``y`` is ``T u``.
+    """
+
+    operator: Operator
+    u: torch.Tensor
+    y: torch.Tensor
+    readout: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+#: ``fn(module, args, kwargs, output) -> Operator | Capture`` called after the module's forward.
+Extractor = Callable[[nn.Module, tuple, dict, Any], "Operator | Capture"]
 
 
 #: ``bidirectional(module) -> reason or None``: whether a module is known, before any call, to compute
@@ -36,6 +58,8 @@ class _Entry:
 
 
 _REGISTRY: dict[type, _Entry] = {}
+#: ``(predicate, entry)`` pairs consulted, in order, for modules no registered class matches
+_RULES: list[tuple[Callable[[nn.Module], bool], _Entry]] = []
 
 
 def register_extractor(
@@ -49,7 +73,9 @@ def register_extractor(
 
     Args:
         module_type: the module class (subclasses match too; the most specific entry wins).
-        fn: ``fn(module, args, kwargs, output) -> Operator``, called in a forward hook. For a call
+        fn: ``fn(module, args, kwargs, output) -> Operator``, called in a forward hook; it may
+            return a :class:`Capture` (the operator with the sequence it acts on and what the
+            layer computed) so that :func:`ess_reg.check_capture` can verify it. For a call
             that computes a non-causal operator it raises :class:`ess_reg.NotCausalError`: the
             layer is then left out (with a warning naming it), never measured.
         prepare: optional ``prepare(module)`` called in a pre-forward hook (e.g. to ask the module
@@ -65,6 +91,24 @@ def register_extractor(
     _REGISTRY[module_type] = _Entry(fn, prepare, bidirectional)
 
 
+def register_extractor_rule(
+    predicate: Callable[[nn.Module], bool],
+    fn: Extractor,
+    *,
+    prepare: Callable[[nn.Module], None] | None = None,
+    bidirectional: Bidirectional | None = None,
+) -> None:
+    """Like :func:`register_extractor`, for every module ``predicate(module)`` accepts: a family of
+    classes recognised by their structure (e.g. the eager attention modules of Hugging Face models
+    that return their attention weights). Registered classes take precedence; rules are tried in
+    the order they were registered."""
+    if not callable(predicate):
+        raise TypeError("predicate must be callable as predicate(module) -> bool")
+    if not callable(fn):
+        raise TypeError("fn must be callable as fn(module, args, kwargs, output) -> Operator")
+    _RULES.append((predicate, _Entry(fn, prepare, bidirectional)))
+
+
 def find_extractor(module: nn.Module) -> Extractor | None:
     """The extractor registered for ``module``'s class (or its nearest base), if any."""
     entry = _entry_for(module)
@@ -74,7 +118,13 @@ def find_extractor(module: nn.Module) -> Extractor | None:
 def supported_types() -> list[str]:
     """Names of the module types the registry recognises."""
     _load_integrations()
-    return sorted(f"{t.__module__}.{t.__qualname__}" for t in _REGISTRY)
+    names = sorted(f"{t.__module__}.{t.__qualname__}" for t in _REGISTRY)
+    return names + [_rule_name(predicate) for predicate, _ in _RULES]
+
+
+def _rule_name(predicate: Callable[[nn.Module], bool]) -> str:
+    doc = (predicate.__doc__ or "").strip().splitlines()
+    return doc[0].rstrip(".") if doc else getattr(predicate, "__qualname__", repr(predicate))
 
 
 def recognised_modules(model: nn.Module, *, required: bool = False,
@@ -253,7 +303,7 @@ class _ExtractHook:
             return None
         self.arm.armed = False
         try:
-            operator = self.entry.extract(module, args, kwargs, output)
+            operator = operator_of(self.entry.extract(module, args, kwargs, output))
         except NotCausalError as error:
             warnings.warn(f"ess-reg leaves out layer {self.name!r} ({type(module).__name__}) in this "
                           f"forward: {error}", stacklevel=2)
@@ -263,6 +313,11 @@ class _ExtractHook:
         if self.arm.replaying:
             return None if self.replay is None else self.replay(self.name, module, operator, output)
         return self.callback(self.name, module, operator, output)
+
+
+def operator_of(result: Operator | Capture) -> Operator:
+    """The operator of an extractor's result (a bare operator or a :class:`Capture`)."""
+    return result.operator if isinstance(result, Capture) else result
 
 
 def _ignore(name: str, module: nn.Module, operator: Operator, output: Any) -> None:
@@ -279,12 +334,17 @@ def _load_integrations() -> None:
 
 
 def _entry_for(module: nn.Module) -> _Entry | None:
-    return lookup_by_class(_REGISTRY, module)
+    entry = lookup_by_class(_REGISTRY, module)
+    if entry is not None or not _RULES:
+        return entry
+    return next((rule_entry for predicate, rule_entry in _RULES if predicate(module)), None)
 
 
-def _mixer_operator(module: SequenceMixer, args, kwargs, output) -> Operator:
+def _mixer_operator(module: SequenceMixer, args, kwargs, output) -> Capture:
     # taken off the module by its last reader: nothing on a module may hold an autograd graph
-    return module.take_operator()
+    u, y = module.captured_io or (None, None)
+    operator = module.take_operator()
+    return operator if u is None else Capture(operator, u, y)
 
 
 register_extractor(SequenceMixer, _mixer_operator, prepare=SequenceMixer.request_capture)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -49,7 +50,8 @@ def test_torch_multihead_attention_rebuilds_its_output():
 def test_bidirectional_multihead_attention_is_rejected_clearly():
     attn = nn.MultiheadAttention(16, 2, batch_first=True)
     x = torch.randn(1, 6, 16)
-    with pytest.raises(ValueError, match="not causal"):
+    with pytest.warns(UserWarning, match="leaves out layer 'attn'"), \
+            pytest.raises(ValueError, match="'attn' .*without a causal mask.*square_subsequent_mask"):
         capture_operators(_Call(attn), x)
 
 
@@ -282,3 +284,156 @@ def test_layers_non_causal_at_call_time_get_the_real_reason():
     with pytest.warns(UserWarning, match="leaves out layer"):
         report = ess_init(model, probe=x, verbose=False)
     assert report["layers.0.self_attn"].scheme == "unchanged (not causal on the probe)"
+
+
+# -- check_capture: every built-in extractor reproduces what its layer computes ---------------------
+def _gpt2(**overrides):
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, **overrides)
+    config._attn_implementation = "eager"
+    return GPT2Model(config).double()
+
+
+def _hf_eager(config_name: str, model_name: str, **kwargs):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=50, num_hidden_layers=2, hidden_size=32,
+                                                num_attention_heads=4, **kwargs)
+    config._attn_implementation = "eager"
+    return getattr(transformers, model_name)(config).double()
+
+
+def _check_cases():
+    from timm.layers import Attention
+    from transformers import Mamba2Config, Mamba2Model
+
+    from ess_reg.models import SequenceModel
+
+    ids = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 13, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    cases = {f"mixer {name}": (SequenceModel(name, 32, 2, 50).double(), (ids,), 1e-12)
+             for name in ("gla", "s6", "sa", "hyena", "s4d", "la", "wla", "gla_s6", "ssd")}
+    cases["nn.MultiheadAttention"] = (_CausalMHA().double(), (x,), 1e-12)
+    seq_first = _CausalMHA().double()
+    seq_first.attn.batch_first = False
+    cases["nn.MultiheadAttention seq-first"] = (_Call2(seq_first.attn), (x.transpose(0, 1),), 1e-12)
+    attn = Attention(32, num_heads=4, qkv_bias=True).double()
+    attn.ess_causal = True
+    cases["timm Attention"] = (_Causal(attn), (x,), 1e-12)
+    cases["HF Mamba"] = (_hf_mamba(), (ids,), 1e-8)  # transformers scans in float32
+    mamba2 = Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=2,
+                          num_hidden_layers=1, vocab_size=50, expand=2, chunk_size=8)
+    cases["HF Mamba-2"] = (Mamba2Model(mamba2).double(), (ids,), 1e-6)
+    cases["HF GPT-2 (eager)"] = (_gpt2(), (ids,), 1e-12)
+    cases["HF Llama (eager)"] = (_hf_eager("LlamaConfig", "LlamaModel", num_key_value_heads=2,
+                                           intermediate_size=64), (ids,), 1e-12)
+    cases["HF OPT (eager)"] = (_hf_eager("OPTConfig", "OPTModel", ffn_dim=64, word_embed_proj_dim=32),
+                               (ids,), 1e-12)
+    cases["HF Phi-3 (eager)"] = (_hf_eager("Phi3Config", "Phi3Model", num_key_value_heads=2,
+                                           intermediate_size=64, pad_token_id=0), (ids,), 1e-12)
+    return cases
+
+
+class _Call2(nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        length = x.shape[0]
+        mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+        return self.attn(x, x, x, attn_mask=mask)[0]
+
+
+class _Causal(nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return self.attn(x, is_causal=True)
+
+
+def test_check_capture_verifies_every_builtin_extractor():
+    from ess_reg import check_capture
+
+    warnings.filterwarnings("ignore", message=".*falling back.*")
+    for case, (model, inputs, tolerance) in _check_cases().items():
+        model.train()  # check_capture runs in eval mode and restores the flags
+        errors = check_capture(model, *inputs)
+        assert errors, case
+        assert all(0 <= e < tolerance for e in errors.values()), (case, errors)
+        assert all(m.training for m in model.modules()), case
+
+
+def test_check_capture_third_party_packages():
+    pytest.importorskip("mambapy")
+    pytest.importorskip("s5")
+    from mambapy.mamba import MambaBlock, MambaConfig
+    from s5 import S5
+
+    from ess_reg import check_capture
+
+    register_available(only_imported=False)
+    torch.manual_seed(0)
+    block = MambaBlock(MambaConfig(d_model=16, n_layers=1, d_state=8, pscan=True)).double()
+    assert check_capture(block, torch.randn(2, 21, 16, dtype=torch.float64))[""] < 1e-12
+    assert check_capture(S5(width=4, state_width=8), torch.randn(2, 11, 4))[""] < 1e-5  # complex64
+
+
+def test_check_capture_catches_a_wrong_extractor_and_names_unverifiable_ones():
+    from ess_reg import Capture, check_capture, register_extractor
+
+    class Decay(nn.Module):  # y_t = sum_{j <= t} 0.5^(t - j) x_j per channel
+        def forward(self, x):
+            out, state = [], torch.zeros_like(x[:, 0])
+            for t in range(x.shape[1]):
+                state = 0.5 * state + x[:, t]
+                out.append(state)
+            return torch.stack(out, 1)
+
+    def operator(decay):
+        def extract(module, args, kwargs, output):
+            x = args[0]
+            batch, length, channels = x.shape
+            log = torch.full((batch, channels, length, 1), math.log(decay), dtype=x.dtype)
+            ones = torch.ones(batch, channels, length, 1, dtype=x.dtype)
+            op = DiagonalRealization(ones, ones, log)
+            return Capture(op, x.transpose(1, 2)[..., None], output,
+                           lambda mixed: mixed[..., 0].transpose(1, 2))
+        return extract
+
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    register_extractor(Decay, operator(0.5))
+    assert check_capture(Decay(), x)[""] < 1e-14
+    register_extractor(Decay, operator(0.4))  # a wrong decay is caught
+    assert check_capture(Decay(), x)[""] > 1e-2
+    register_extractor(Decay, lambda m, a, k, out: operator(0.5)(m, a, k, out).operator)
+    with pytest.warns(UserWarning, match=r"cannot verify ''.*ess_reg.Capture"):
+        assert check_capture(Decay(), x) == {}
+
+
+def test_gpt2_is_recognised_without_an_extractor_and_regularized():
+    model = _gpt2().eval()  # attention dropout off: the weights the layer returns are T
+    ids = torch.randint(0, 50, (2, 12))
+    operators = capture_operators(model, ids)
+    assert list(operators) == ["h.0.attn", "h.1.attn"] and operators["h.0.attn"].shape == (2, 4)
+    reference = model(ids, output_attentions=True).attentions
+    torch.testing.assert_close(operators["h.1.attn"].dense(), reference[1])
+    reg = ESSRegularizer(model, splits=4)
+    model(ids).last_hidden_state.sum().mul(0).add(reg()).backward()
+    assert model.h[0].attn.c_attn.weight.grad is not None
+    reg.remove()
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        capture_operators(model, ids)
+
+
+def test_hf_cross_attention_is_left_out_as_bidirectional():
+    model = _gpt2(add_cross_attention=True)
+    with pytest.warns(UserWarning, match=r"leaves out 2 bidirectional layer\(s\).*'h\.0\.crossattention'"):
+        reg = ESSRegularizer(model, splits=3)
+    assert sorted(reg.modules) == ["h.0.attn", "h.1.attn"]

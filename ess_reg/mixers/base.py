@@ -49,6 +49,8 @@ class SequenceMixer(nn.Module, ABC):
         self._capture_requests = 0  # hooks that asked for the next forward's operator
         self._capture_readers = 0  # hooks still to take this forward's operator
         self.captured_operator: Operator | None = None
+        #: ``(u, y)`` of the forward that captured :attr:`captured_operator` (``T u == y``)
+        self.captured_io: tuple[torch.Tensor, torch.Tensor] | None = None
         self.captured_transition: torch.Tensor | None = None
 
     # -- to implement ----------------------------------------------------------------------------
@@ -86,6 +88,7 @@ class SequenceMixer(nn.Module, ABC):
             self._capture_operator = False
             self._capture_readers, self._capture_requests = self._capture_requests, 0
             self.captured_operator = self.build_operator(features)
+            self.captured_io = (features["u"], y)
         if self._capture_transition:
             self._capture_transition = False
             self.captured_transition = self.transition_from_features(features)
@@ -117,8 +120,8 @@ class SequenceMixer(nn.Module, ABC):
         self._capture_requests += 1 if operator else 0
         self._capture_transition = self._capture_transition or (transition and self.has_transition)
         self.captured_operator = None
+        self.captured_io = None
         self.captured_transition = None
-
 
     def take_operator(self) -> Operator | None:
         """The operator the last forward captured, for one of the readers that requested it; the
@@ -126,7 +129,7 @@ class SequenceMixer(nn.Module, ABC):
         operator = self.captured_operator
         self._capture_readers = max(0, self._capture_readers - 1)
         if self._capture_readers == 0:
-            self.captured_operator = None
+            self.captured_operator = self.captured_io = None
         return operator
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ess_reg.capture import Capture
 from ess_reg.operators import DenseOperator, DiagonalRealization
 from integrations.third_party._selective import depthwise_causal_conv, selective_operator
 
@@ -37,16 +38,25 @@ def _hidden_states(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization:
+def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> Capture:
     """Mamba-1 ``MambaMixer``: per inner channel ``d``,
     ``T_d[i, j] = sum_n C_{i,n} exp(A_{d,n} sum dt) dt_{j,d} B_{j,n}`` (the ``D`` skip and the
     ``silu(z)`` gate are outside ``T``). Rebuilt from the mixer's input and weights (``conv1d`` and
     ``dt_proj`` are applied through their weights in transformers 5, so no hook of theirs fires)."""
     hidden = _hidden_states(args, kwargs)
     mask = kwargs.get("attention_mask")
-    u = mamba_inner_input(module, hidden, mask)[..., 0].transpose(1, 2)  # [B, L, D]
-    return selective_operator(u, module.x_proj, module.dt_proj.weight, module.dt_proj.bias,
-                              module.A_log, module.time_step_rank, module.ssm_state_size)
+    inner = mamba_inner_input(module, hidden, mask)  # [B, D, L, 1]
+    operator = selective_operator(inner[..., 0].transpose(1, 2), module.x_proj, module.dt_proj.weight,
+                                  module.dt_proj.bias, module.A_log, module.time_step_rank,
+                                  module.ssm_state_size)
+    masked = hidden if mask is None else hidden * mask[:, :, None].to(hidden.dtype)
+    gate = module.in_proj(masked).transpose(1, 2).chunk(2, dim=1)[1]  # [B, D, L]
+
+    def readout(mixed: torch.Tensor) -> torch.Tensor:  # T u [B, D, L, 1] -> the mixer's output
+        scan = (mixed + module.D[None, :, None, None] * inner)[..., 0] * F.silu(gate)
+        return module.out_proj(scan.transpose(1, 2))
+
+    return Capture(operator, inner, output, readout)
 
 
 def mamba_inner_input(module: nn.Module, hidden: torch.Tensor, mask=None) -> torch.Tensor:
@@ -60,14 +70,22 @@ def mamba_inner_input(module: nn.Module, hidden: torch.Tensor, mask=None) -> tor
     return u[..., None]
 
 
-def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization:
+def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> Capture:
     """Mamba-2 ``Mamba2Mixer``: per head ``h``,
     ``T_h[i, j] = (C_i . B_j) exp(a_h sum dt) dt_{j,h}`` with ``B``, ``C`` of the head's group
     (scalar decay ``[B, H, L, 1]``; the ``D`` skip and the gated norm are outside ``T``)."""
     hidden = _hidden_states(args, kwargs)
-    _, B, C, dt = mamba2_features(module, hidden)
+    u, B, C, dt = mamba2_features(module, hidden)
     a = -torch.exp(module.A_log.float()).to(dt.dtype)
-    return DiagonalRealization(C, dt * B, dt * a[None, :, None, None])
+    operator = DiagonalRealization(C, dt * B, dt * a[None, :, None, None])
+    gate = module.in_proj(hidden)[..., :module.intermediate_size]
+    batch, length, _ = hidden.shape
+
+    def readout(mixed: torch.Tensor) -> torch.Tensor:  # T u [B, H, L, P] -> the mixer's output
+        y = (mixed + module.D[None, :, None, None] * u).transpose(1, 2).reshape(batch, length, -1)
+        return module.out_proj(module.norm(y, gate))
+
+    return Capture(operator, u, output, readout)
 
 
 def mamba2_features(module: nn.Module, hidden: torch.Tensor):
@@ -87,16 +105,83 @@ def mamba2_features(module: nn.Module, hidden: torch.Tensor):
     return u, B, C, dt
 
 
-def attention_weights_operator(module: nn.Module, args, kwargs, output) -> DenseOperator:
+def attention_weights_operator(module: nn.Module, args, kwargs, output) -> DenseOperator | Capture:
     """Eager attention modules return ``(attn_output, attn_weights)``; the weights are ``T`` per
-    (query) head, ``[B, H, L, L]``."""
+    (query) head, ``[B, H, L, L]``. With the module's value and output projections found by name
+    (``v_proj`` / GPT-2's ``c_attn`` / ``qkv_proj``; ``o_proj`` / ``c_proj`` / ``out_proj`` /
+    ``dense``) the result is a :class:`~ess_reg.Capture` that :func:`ess_reg.check_capture` verifies."""
     weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
     if weights is None:
         raise ValueError(
             f"{type(module).__name__} returned no attention weights; build the model with "
             "attn_implementation='eager' so the attention matrices exist"
         )
-    return DenseOperator(weights)
+    operator = DenseOperator(weights)
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    projection = _child(module, OUTPUT_PROJECTIONS)
+    values = None if hidden is None else _attention_values(module, hidden, weights.shape[1])
+    if values is None or projection is None or not isinstance(output[0], torch.Tensor):
+        return operator
+    batch, length = hidden.shape[:2]
+
+    def readout(mixed: torch.Tensor) -> torch.Tensor:  # [B, H, L, hd] -> the module's output
+        return projection(mixed.transpose(1, 2).reshape(batch, length, -1))
+
+    return Capture(operator, values, output[0], readout)
+
+
+#: child names of an attention module's output projection and of its value projection
+OUTPUT_PROJECTIONS = ("o_proj", "c_proj", "out_proj", "dense")
+VALUE_PROJECTIONS = ("v_proj", "c_attn", "qkv_proj")
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    return next((getattr(module, n) for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
+
+
+def _attention_values(module: nn.Module, hidden: torch.Tensor, heads: int) -> torch.Tensor | None:
+    """The values ``[B, H, L, hd]`` each query head mixes (key-value heads repeated), or None."""
+    batch, length, _ = hidden.shape
+    if isinstance(getattr(module, "v_proj", None), nn.Module):
+        values = module.v_proj(hidden)
+    elif isinstance(getattr(module, "c_attn", None), nn.Module) and hasattr(module, "split_size"):
+        parts = module.c_attn(hidden).split(module.split_size, dim=2)  # GPT-2: q, k, v
+        if len(parts) != 3:
+            return None
+        values = parts[2]
+    elif isinstance(getattr(module, "qkv_proj", None), nn.Module) and hasattr(module, "head_dim"):
+        config = getattr(module, "config", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        values = module.qkv_proj(hidden)[..., -kv_heads * module.head_dim:]  # q, k, v stacked
+    else:
+        return None
+    values = values.view(batch, length, -1, values.shape[-1] // _kv_heads(values, module, heads))
+    values = values.transpose(1, 2)
+    if heads % values.shape[1]:
+        return None
+    return values.repeat_interleave(heads // values.shape[1], dim=1)
+
+
+def _kv_heads(values: torch.Tensor, module: nn.Module, heads: int) -> int:
+    head_dim = getattr(module, "head_dim", None)
+    return values.shape[-1] // head_dim if head_dim else heads
+
+
+def is_eager_hf_attention(module: nn.Module) -> bool:
+    """transformers attention modules that return their weights (class name ``*Attention``)."""
+    cls = type(module)
+    return (cls.__module__.startswith("transformers.models.") and cls.__name__.endswith("Attention")
+            and isinstance(getattr(module, "is_causal", None), bool)
+            and _child(module, OUTPUT_PROJECTIONS) is not None
+            and _child(module, VALUE_PROJECTIONS) is not None)
+
+
+def hf_attention_bidirectional(module: nn.Module) -> str | None:
+    """Why a transformers attention module is non-causal before any call (None when causal)."""
+    if getattr(module, "is_causal", True) and not getattr(module, "is_cross_attention", False):
+        return None
+    return (f"{type(module).__name__} has is_causal=False: an encoder or cross-attention layer "
+            "attends both ways")
 
 
 def register(register_extractor) -> list[str]:
@@ -124,4 +209,9 @@ def register(register_extractor) -> list[str]:
             continue
         register_extractor(cls, attention_weights_operator)
         done.append(name)
+    from ess_reg.capture import register_extractor_rule
+
+    register_extractor_rule(is_eager_hf_attention, attention_weights_operator,
+                            bidirectional=hf_attention_bidirectional)
+    done.append("transformers *Attention (eager)")
     return done

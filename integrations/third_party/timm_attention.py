@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ess_reg.capture import Capture
 from ess_reg.operators import DenseOperator, NotCausalError
 
 
@@ -23,7 +24,7 @@ def timm_attention_bidirectional(module: nn.Module) -> str | None:
             "with is_causal=True, set module.ess_causal = True")
 
 
-def timm_attention_operator(module: nn.Module, args, kwargs, output) -> DenseOperator:
+def timm_attention_operator(module: nn.Module, args, kwargs, output) -> Capture:
     """``softmax(q k^T * scale)`` per head ``[B, H, N, N]`` of a causal call, from the module's own
     ``qkv`` and norms."""
     x = args[0] if args else kwargs["x"]
@@ -40,7 +41,14 @@ def timm_attention_operator(module: nn.Module, args, kwargs, output) -> DenseOpe
     scores = (q * module.scale) @ k.transpose(-2, -1)
     if mask is not None and not is_causal:  # timm: is_causal takes precedence over a mask
         scores = scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
-    return DenseOperator(torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1))
+    weights = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
+
+    def readout(mixed: torch.Tensor) -> torch.Tensor:  # [B, H, N, hd] -> the layer's output
+        merged = getattr(module, "norm", nn.Identity())(mixed.transpose(1, 2).reshape(batch, length, -1))
+        gate = getattr(module, "gate", None)  # timm's optional output gate
+        return module.proj(merged if gate is None else merged * gate(x).sigmoid())
+
+    return Capture(DenseOperator(weights), qkv[2], output, readout)
 
 
 def _masks_the_future(mask: torch.Tensor, causal: torch.Tensor) -> bool:

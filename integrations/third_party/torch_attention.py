@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ess_reg.operators import DenseOperator
+from ess_reg.capture import Capture
+from ess_reg.operators import DenseOperator, NotCausalError
 
 
-def multihead_attention_operator(module: nn.MultiheadAttention, args, kwargs, output) -> DenseOperator:
+def multihead_attention_operator(module: nn.MultiheadAttention, args, kwargs, output) -> Capture:
     """Recompute the post-softmax weights ``[B, H, L, L]`` of a self-attention call.
 
     The call must be causal (``is_causal=True`` or a causal ``attn_mask``); a bidirectional call is
@@ -38,4 +39,26 @@ def multihead_attention_operator(module: nn.MultiheadAttention, args, kwargs, ou
     if weights.shape[-1] != weights.shape[-2]:
         raise ValueError("nn.MultiheadAttention: ESS needs self-attention over one sequence "
                          f"(got attention weights of shape {tuple(weights.shape)})")
-    return DenseOperator(weights)
+    # checked here (on the CPU: no host sync on a device) to say how to fix it
+    if weights.device.type == "cpu" and bool(weights.triu(1).ne(0).any()):
+        raise NotCausalError(
+            "nn.MultiheadAttention was called without a causal mask, so it attends to later tokens "
+            "and ESS (which needs a causal operator) does not apply; call it with "
+            "attn_mask=nn.Transformer.generate_square_subsequent_mask(L) (and is_causal=True) if the "
+            "layer is meant to be causal, or leave it out with modules=")
+    if value.dim() == 2:  # an unbatched call
+        return DenseOperator(weights)
+    heads, width = module.num_heads, module.embed_dim
+    if module._qkv_same_embed_dim:
+        w_v = module.in_proj_weight[2 * width:]
+    else:
+        w_v = module.v_proj_weight
+    b_v = None if module.in_proj_bias is None else module.in_proj_bias[2 * width:]
+    batch = value.shape[1]
+    v = F.linear(value, w_v, b_v).view(length, batch, heads, width // heads).permute(1, 2, 0, 3)
+
+    def readout(mixed: torch.Tensor) -> torch.Tensor:  # [B, H, L, hd] -> the layer's output
+        out = module.out_proj(mixed.permute(2, 0, 1, 3).reshape(length, batch, width))
+        return out.transpose(0, 1) if module.batch_first else out
+
+    return Capture(DenseOperator(weights), v, output[0], readout)

@@ -336,21 +336,47 @@ class _HankelSingularValues(torch.autograd.Function):
     """``sigma(V U^H)`` whose gradient is routed to the Gramians ``P = U^H U`` and ``Q = V^H V``.
 
     Called with scaled roots (largest entry about 1), so ``sigma`` is about 1 at most and the
-    weights ``grad / (2 sigma)`` stay below about ``1 / resolution``.
+    weights ``grad / (2 sigma)`` stay below about ``1 / resolution``. The forward takes the values
+    alone (``svdvals``, accurate to ``eps sigma_max``); the backward forms the singular vectors it
+    needs (see :func:`_singular_vectors`).
     """
 
     @staticmethod
     def forward(ctx, gram_p, gram_q, root_p, root_q, bound):
-        left, values, right_h = torch.linalg.svd(root_q @ root_p.mH, full_matrices=False)
+        values = torch.linalg.svdvals(root_q @ root_p.mH)
         keep = values > _resolution(values, bound)
         values = torch.where(keep, values, 0)
-        ctx.save_for_backward(root_q.mH @ left, root_p.mH @ right_h.mH, values, keep)
+        ctx.save_for_backward(root_p, root_q, values, keep)
         return values
 
     @staticmethod
     def backward(ctx, grad_values):
-        w, z, values, keep = ctx.saved_tensors
+        root_p, root_q, values, keep = ctx.saved_tensors
+        left, right = _singular_vectors(root_q @ root_p.mH, values, keep)
+        w, z = root_q.mH @ left, root_p.mH @ right
         tiny = torch.finfo(values.dtype).tiny
         weight = torch.where(keep, grad_values / (2 * values.clamp_min(tiny)), 0)
         weight = weight.to(w.dtype)[..., None, :]
         return (w * weight) @ w.mH, (z * weight) @ z.mH, None, None, None
+
+
+def _singular_vectors(matrix: torch.Tensor, values: torch.Tensor, keep: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left and right singular vectors ``[..., n, n]`` of ``matrix`` for its descending ``values``
+    (columns where ``keep`` is False are zero).
+
+    The right vectors are the eigenvectors of ``M^H M``, formed and solved in float64 (complex128)
+    whatever the compute dtype, so a value ``sigma`` gets a vector accurate to about
+    ``eps_64 sigma_max^2 / gap``, far inside the gradient resolution; the left ones are
+    ``M y / sigma``, which pairs each left vector with its right one even inside a cluster of (near)
+    equal values. Four times cheaper on the CPU than a batched SVD with vectors at ``n = 8`` or 16.
+    """
+    wide = torch.complex128 if matrix.is_complex() else torch.float64
+    m = matrix.to(wide)
+    _, right = torch.linalg.eigh(m.mH @ m)
+    right = right.flip(-1)  # descending, as the values
+    tiny = torch.finfo(values.dtype).tiny
+    scale = torch.where(keep, 1 / values.clamp_min(tiny), 0).to(wide)
+    left = (m @ right) * scale[..., None, :]
+    right = right * keep.to(right.real.dtype)[..., None, :]
+    return left.to(matrix.dtype), right.to(matrix.dtype)

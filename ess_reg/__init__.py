@@ -1,6 +1,6 @@
 """ess-reg: measure and shape the effective state-size (ESS) of sequence models."""
 
-from ess_reg.capture import Capture, capture_operators, register_extractor
+from ess_reg.capture import Capture, capture_operators, register_extractor, register_extractor_rule
 from ess_reg.capture_check import check_capture
 from ess_reg.diagnostics import diagnose
 from ess_reg.distill import distillation_loss
@@ -54,6 +54,7 @@ __all__ = [
     "ess_init",
     "memory_budget",
     "register_extractor",
+    "register_extractor_rule",
     "set_memory_budget",
     "split_singular_values",
     "split_spectrum",

@@ -11,6 +11,7 @@ from torch import nn
 
 from ess_reg._table import format_table
 from ess_reg.capture import capture_operators
+from ess_reg.diagnostics import COLLAPSED_BELOW, SATURATED_AT, layer_status
 from ess_reg.functional import (
     entropy_ess,
     resolve_splits,
@@ -52,6 +53,11 @@ class LayerReport:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.mixer})"
+
+    @property
+    def verdict(self) -> str:
+        """:func:`ess_reg.diagnose`'s status from the utilization: saturated, collapsed or healthy."""
+        return layer_status(self.utilization)
 
     @property
     def state_verdict(self) -> str:
@@ -111,19 +117,36 @@ def layer_report(
 
 
 def format_reports(reports: list[LayerReport]) -> str:
-    """Plain-text table of layer reports."""
+    """Plain-text table of layer reports, a legend (one line per column) and one line of advice on
+    each layer's state size."""
     header = ("layer", "mixer", "TSS/ch", "needed state", "channels", "ESS ent", "ESS tol",
-              "total ESS", "utilization", "ESS/kv")
+              "total ESS", "utilization", "verdict", "ESS/kv")
     rows = [
         (r.name, r.mixer, "-" if r.tss is None else str(r.tss),
          "-" if r.needed_state is None else str(r.needed_state), str(r.channels),
          f"{r.entropy_ess:.2f}", f"{r.tolerance_ess:.2f}", f"{r.total_ess:.1f}",
-         f"{r.utilization:.3f}", "-" if r.ess_per_kv is None else f"{r.ess_per_kv:.2f}")
+         f"{r.utilization:.3f}", r.verdict, "-" if r.ess_per_kv is None else f"{r.ess_per_kv:.2f}")
         for r in reports
     ]
     verdicts = "\n".join(f"  {r.name}: {r.state_verdict}" for r in reports)
-    return (format_table(header, rows) + "\nneeded state: tolerance-ESS at 1e-2 (0.95 quantile over "
-            "splits, channels, examples)\n" + verdicts)
+    no_kv = all(r.ess_per_kv is None for r in reports)
+    legend = [
+        "TSS/ch        theoretical state size per channel (head); '-': no finite state (attention "
+        "keeps every token)",
+        "needed state  tolerance-ESS at 1e-2, 0.95 quantile over splits, channels and examples: the "
+        "state a smaller model of this layer would need",
+        "channels      independent operators per example (channels, or heads)",
+        "ESS ent       entropy-ESS per channel, mean over splits and examples",
+        "ESS tol       tolerance-ESS per channel (singular values above 1e-3 of the largest)",
+        "total ESS     entropy-ESS summed over channels",
+        "utilization   ESS / TSS (without a finite state: ESS / min(i, L - i)), 0 to 1",
+        f"verdict       saturated (utilization >= {SATURATED_AT}: grow the state), collapsed "
+        f"(< {COLLAPSED_BELOW}: the state goes unused), healthy otherwise",
+        "ESS/kv        total ESS / key-value pairs of the MQAR task"
+        + (" ('-' here: these inputs are not an MQAR task, so there is no kv count)" if no_kv else ""),
+    ]
+    return (format_table(header, rows) + "\n\n" + "\n".join(legend) + "\n\nstate size per layer:\n"
+            + verdicts)
 
 
 @dataclass

@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "layers with L > 257)")
     analyze.add_argument("--seed", type=int, default=12345, help="seed of the fresh inputs")
     analyze.add_argument("--device", default="cpu")
-    analyze.add_argument("--out", default=None, help="where to save the curve plot (default: the run)")
+    analyze.add_argument("--plot", "--out", dest="plot", metavar="PATH", default=None,
+                         help="where to save the ESS-curve plot: a .png/.pdf/.svg file or a folder "
+                              "(default: the run folder; with --hf no plot unless given, so nothing "
+                              "is written into a model folder)")
 
     show = commands.add_parser("showcase", help="ESS of random operators of common mixer families")
     show.add_argument("--seq-len", type=_positive, default=256, help="sequence length L")
@@ -262,10 +265,18 @@ def _analyze(args: argparse.Namespace) -> None:
     print(format_reports(reports))
     _note_sampled_splits(reports)
     run = Path(args.run)
-    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
-    path = save_curve_plot(reports, out / "analyze_ess_curves.png", config.seq_len,
+    target = _plot_path(args.plot, run if run.is_dir() else run.parent, "analyze_ess_curves.png")
+    path = save_curve_plot(reports, target, config.seq_len,
                            f"ESS on fresh inputs ({config.mixer}, {config.task})")
     print(f"curve plot: {path}")
+
+
+def _plot_path(given: str | None, default_folder: Path, name: str) -> Path:
+    """``--plot``: a file path (with an image suffix) or a folder to put ``name`` in."""
+    if given is None:
+        return default_folder / name
+    path = Path(given)
+    return path if path.suffix.lower() in (".png", ".pdf", ".svg", ".jpg", ".jpeg") else path / name
 
 
 def _note_sampled_splits(reports: list) -> None:
@@ -287,6 +298,7 @@ def _analyze_hf(args: argparse.Namespace) -> None:
     from integrations.hf_models import load_local_model, tokenize
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_transformers()
     model, source = load_local_model(args.hf)
     if args.ids:
         try:
@@ -309,11 +321,22 @@ def _analyze_hf(args: argparse.Namespace) -> None:
     print(f"{type(model).__name__} from {args.hf} ({source}), input {tuple(ids.shape)}")
     print(format_reports(reports))
     _note_sampled_splits(reports)
-    folder = Path(args.hf) if Path(args.hf).is_dir() else Path(args.hf).parent
-    out = Path(args.out) if args.out else folder
-    path = save_curve_plot(reports, out / "ess_curves.png", ids.shape[-1],
+    if args.plot is None:
+        print("curve plot: not saved (pass --plot PATH; nothing is written into the model folder)")
+        return
+    path = save_curve_plot(reports, _plot_path(args.plot, Path.cwd(), "ess_curves.png"), ids.shape[-1],
                            f"ESS of {type(model).__name__}")
     print(f"curve plot: {path}")
+
+
+def _quiet_transformers() -> None:
+    """transformers' load reports, progress bars and kernel-fallback notices stay out of the table."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the missing extra is reported by load_local_model
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _showcase(args: argparse.Namespace) -> None:

@@ -61,6 +61,14 @@ class Diagnosis:
         return format_table(header, rows) + "\n" + legend
 
 
+def layer_status(utilization: float, saturated_at: float = SATURATED_AT,
+                 collapsed_below: float = COLLAPSED_BELOW) -> str:
+    """``"saturated"``, ``"collapsed"`` or ``"healthy"`` for one utilization (ESS / TSS)."""
+    if utilization >= saturated_at:
+        return "saturated"
+    return "collapsed" if utilization < collapsed_below else "healthy"
+
+
 def diagnose(
     source: Mapping[str, Any] | Operator | torch.Tensor,
     *,
@@ -81,8 +89,7 @@ def diagnose(
         )
     entries = []
     for layer, (util, ess, tss) in _utilizations(source, kind, splits).items():
-        status = ("saturated" if util >= saturated_at else "collapsed" if util < collapsed_below
-                  else "healthy")
+        status = layer_status(util, saturated_at, collapsed_below)
         entries.append(LayerDiagnosis(layer, status, util, ess, tss))
     return Diagnosis(entries, saturated_at, collapsed_below)
 

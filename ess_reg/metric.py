@@ -43,7 +43,8 @@ class ESSMetric(Metric):
         kind: ``"entropy"`` (default), ``"tolerance"`` or ``"both"``.
         splits: as in :func:`ess_reg.ess_curve` (default: all splits; for a layer on the dense
             route longer than 257 a warning suggests ``splits=64``).
-        tol, relative: of tolerance-ESS.
+        tol: the tolerance of tolerance-ESS.
+        relative: whether ``tol`` is relative to each block's largest singular value.
         curve: also keep the mean ESS per split index (needs the same splits on every update).
         kwargs: Additional keyword arguments of ``torchmetrics.Metric``.
     """

@@ -55,3 +55,10 @@ def test_needed_state_column_and_verdicts():
     assert LayerReport(tss=64, needed_state=12, **base).state_verdict == "could shrink from 64 to ~12"
     assert LayerReport(tss=16, needed_state=16, **base).state_verdict.startswith("saturated")
     assert LayerReport(tss=None, needed_state=None, **base).state_verdict.startswith("no finite state")
+    verdicts = {u: LayerReport(tss=8, needed_state=4, **{**base, "utilization": u}).verdict
+                for u in (0.05, 0.5, 0.95)}
+    assert verdicts == {0.05: "collapsed", 0.5: "healthy", 0.95: "saturated"}  # as diagnose()
+    legend = text.split("\n\n")[1].splitlines()  # one line per column after the first two
+    columns = text.splitlines()[0].split()
+    assert [line.split()[0] for line in legend][:3] == ["TSS/ch", "needed", "channels"]
+    assert "verdict" in columns and len(legend) == 9

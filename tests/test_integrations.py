@@ -228,7 +228,12 @@ def test_analyze_hf_local_config(tmp_path, capsys):
     assert main(["analyze", "--hf", str(tmp_path / "llama"), "--examples", "2", "--seq-len", "12"]) == 0
     out = capsys.readouterr().out
     assert "layers.1.self_attn" in out and "random weights" in out
-    assert (tmp_path / "llama" / "ess_curves.png").exists()
+    assert "verdict" in out and "no kv count" in out and "Loading" not in out
+    assert sorted(p.name for p in (tmp_path / "llama").iterdir()) == ["config.json"]  # nothing written there
+    plot = tmp_path / "plots" / "llama.png"
+    assert main(["analyze", "--hf", str(tmp_path / "llama"), "--examples", "2", "--seq-len", "12",
+                 "--plot", str(plot)]) == 0
+    assert plot.exists() and f"curve plot: {plot}" in capsys.readouterr().out
     MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=1, vocab_size=50).save_pretrained(
         tmp_path / "mamba")
     assert main(["analyze", "--hf", str(tmp_path / "mamba" / "config.json"), "--ids", "1,2,3,4,5,6"]) == 0

@@ -51,7 +51,11 @@ def test_cli_train_then_analyze(tmp_path, capsys):
     assert main(["analyze", out, "--examples", "4", "--splits", "5"]) == 0
     table = capsys.readouterr().out
     assert "ESS/kv" in table and "blocks.1.mixer" in table and "ssd" in table
+    assert "verdict" in table and "total ESS / key-value pairs" in table and "no kv count" not in table
+    assert any(v in table for v in ("healthy", "collapsed", "saturated"))
     assert (tmp_path / "cli" / "analyze_ess_curves.png").exists()
+    assert main(["analyze", out, "--examples", "4", "--splits", "5", "--plot", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "analyze_ess_curves.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -79,15 +79,18 @@ class ESSRegularizer:
             ``"cosine_decay"`` (from 1 at step 0 to 0 at ``total_steps``), or ``f(step) -> factor``.
             Steps with a zero factor build no operator.
         total_steps: the decay's length.
-        every_n_steps, warmup_steps: schedule; on skipped steps ``reg()`` returns a zero tensor and
-            no operator is built. One call of ``reg()`` (or one ``ESSOptimizer.step``) is one step.
+        every_n_steps: penalise every that many steps, counted from the end of the warm-up; on
+            skipped steps ``reg()`` returns a zero tensor and no operator is built. One call of
+            ``reg()`` (or one ``ESSOptimizer.step``) is one step.
+        warmup_steps: skip this many first steps.
         accumulation_steps: micro-batches per optimizer step under gradient accumulation: in
             loss-term mode the schedule advances once every that many ``reg()`` calls (divide the
             loss, penalty included, as usual); in attached mode each backward's injected penalty
             is divided by it, as the loss is.
         dtype: compute dtype of the singular values (float64 default).
         generator: ``torch.Generator`` for the split sampling (CPU).
-        tol, temperature: of ``kind="soft_tolerance"``.
+        tol: the relative tolerance of ``kind="soft_tolerance"``.
+        temperature: the sigmoid's temperature of ``kind="soft_tolerance"``.
         max_operators: at most this many of a layer's ``batch x channels`` operators enter each
             step's penalty, drawn uniformly at random (per step and layer, from ``generator``): an
             unbiased estimate of the layer's mean at a fraction of the cost on wide layers (a Mamba

@@ -65,7 +65,7 @@ class LayerReport:
         if self.tss is None or self.needed_state is None:
             return "no finite state (attention keeps every token)"
         if self.needed_state >= self.tss:
-            return f"saturated: needs all {self.tss} of its state; grow the state"
+            return f"full: needs all {self.tss} of its state at 1e-2; a larger state may help"
         if self.needed_state <= self.tss // 2:
             return f"could shrink from {self.tss} to ~{self.needed_state}"
         return f"uses most of its state ({self.needed_state} of {self.tss})"

@@ -263,7 +263,6 @@ def _loop(run: _Run, train_set: SyntheticTask, test_set: SyntheticTask, records:
     start = time.perf_counter() - run.elapsed
     bar = tqdm(range(run.step + 1, config.steps + 1), disable=not progress, initial=run.step,
                total=config.steps, desc=f"{config.mixer} on {config.task}")
-    last_ess = float("nan")
     for step in bar:
         logits, targets, task_loss, reg_loss = _step(run, train_set, device)
         run.step = step
@@ -278,15 +277,22 @@ def _loop(run: _Run, train_set: SyntheticTask, test_set: SyntheticTask, records:
                 fh.write(json.dumps(record) + "\n")
             if writer is not None:
                 _write_scalars(writer, record)
-            last_ess = sum(record["ess"].values()) / max(1, len(record["ess"]))
         if step % every == 0 or step == config.steps:
             run.elapsed = time.perf_counter() - start
             save_checkpoint(run.state_dict(), out / "checkpoint.pt")
-        bar.set_postfix(loss=f"{task_loss.item():.3f}",
-                        acc=f"{records[-1]['test_accuracy']:.2f}" if records else "-",
-                        ess=f"{last_ess:.2f}")
+        bar.set_postfix(_progress_fields(task_loss.item(), records[-1] if records else None))
     if writer is not None:
         writer.close()
+
+
+def _progress_fields(loss: float, record: dict[str, Any] | None) -> dict[str, str]:
+    """The progress bar's fields: this step's loss, and the last evaluation's test accuracy and mean
+    ESS over layers (also after a resume; "-" before the first evaluation)."""
+    if record is None:
+        return {"loss": f"{loss:.3f}", "acc": "-", "ess": "-"}
+    ess = record.get("ess") or {}
+    return {"loss": f"{loss:.3f}", "acc": f"{record['test_accuracy']:.2f}",
+            "ess": f"{sum(ess.values()) / len(ess):.2f}" if ess else "-"}
 
 
 def _step(run: _Run, train_set: SyntheticTask, device: torch.device):

@@ -53,7 +53,7 @@ def test_needed_state_column_and_verdicts():
     base = dict(name="x", mixer="s6", channels=1, entropy_ess=1.0, tolerance_ess=1.0, total_ess=1.0,
                 utilization=0.1, ess_per_kv=None, splits=None, curve=None)
     assert LayerReport(tss=64, needed_state=12, **base).state_verdict == "could shrink from 64 to ~12"
-    assert LayerReport(tss=16, needed_state=16, **base).state_verdict.startswith("saturated")
+    assert LayerReport(tss=16, needed_state=16, **base).state_verdict.startswith("full: needs all 16")
     assert LayerReport(tss=None, needed_state=None, **base).state_verdict.startswith("no finite state")
     verdicts = {u: LayerReport(tss=8, needed_state=4, **{**base, "utilization": u}).verdict
                 for u in (0.05, 0.5, 0.95)}

@@ -26,7 +26,7 @@ FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)"
 
 # Pages whose blocks take more than about 10 s when run alone on the 2-core CPU (mostly importing
 # torchmetrics, Lightning and transformers, then a Lightning fit and a Hugging Face Trainer run).
-SLOW_PAGES = {"README.md", "docs/integrations.md", "docs/metric.md"}
+SLOW_PAGES = {"README.md", "docs/integrations.md", "docs/metric.md", "docs/tutorials/hf_mamba.md"}
 
 
 @dataclass(frozen=True)

@@ -265,3 +265,12 @@ def test_short_runs_evaluate_often_enough_to_draw_curves(tmp_path):
     assert main(args) == 0
     assert _steps(out) == list(range(2, 21, 2))
     assert json.loads((out / "config.json").read_text())["log_every"] == 2
+
+
+def test_progress_bar_fields_before_and_after_the_first_evaluation():
+    from ess_reg.training import _progress_fields
+
+    assert _progress_fields(1.23456, None) == {"loss": "1.235", "acc": "-", "ess": "-"}
+    record = {"test_accuracy": 0.5, "ess": {"blocks.0.mixer": 2.0, "blocks.1.mixer": 4.0}}
+    assert _progress_fields(0.5, record) == {"loss": "0.500", "acc": "0.50", "ess": "3.00"}
+    assert _progress_fields(0.5, {"test_accuracy": 0.25, "ess": {}})["ess"] == "-"

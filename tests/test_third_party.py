@@ -51,7 +51,7 @@ def test_bidirectional_multihead_attention_is_rejected_clearly():
     attn = nn.MultiheadAttention(16, 2, batch_first=True)
     x = torch.randn(1, 6, 16)
     with pytest.warns(UserWarning, match="leaves out layer 'attn'"), \
-            pytest.raises(ValueError, match="'attn' .*without a causal mask.*square_subsequent_mask"):
+            pytest.raises(ValueError, match="'attn' .*without attn_mask.*square_subsequent_mask"):
         capture_operators(_Call(attn), x)
 
 
@@ -437,3 +437,32 @@ def test_hf_cross_attention_is_left_out_as_bidirectional():
     with pytest.warns(UserWarning, match=r"leaves out 2 bidirectional layer\(s\).*'h\.0\.crossattention'"):
         reg = ESSRegularizer(model, splits=3)
     assert sorted(reg.modules) == ["h.0.attn", "h.1.attn"]
+
+
+def test_multihead_attention_calls_that_are_not_one_causal_sequence_are_left_out():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class Hint(nn.Module):  # is_causal=True without a mask: torch's fast path may ignore the hint
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, is_causal=True, attn_mask=None)[0] if not self.training else x
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x, memory):
+            return self.attn(x, memory, memory)[0]
+
+    x = torch.randn(2, 6, 8)
+    with pytest.warns(UserWarning, match="without attn_mask"), \
+            pytest.raises(ValueError, match="non-causal"), torch.no_grad():  # (with gradients torch itself refuses the hint without a mask)
+        capture_operators(Hint().eval(), x)
+    with pytest.warns(UserWarning, match="cross-attention"), pytest.raises(ValueError, match="non-causal"):
+        capture_operators(Cross(), x, torch.randn(2, 4, 8))
+    unbatched = _Call2(nn.MultiheadAttention(8, 2, batch_first=True))  # [L, E] input, batch_first set
+    assert capture_operators(unbatched, torch.randn(6, 8))["attn"].shape == (2,)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ess_reg.capture import Capture
-from ess_reg.operators import DenseOperator, DiagonalRealization
+from ess_reg.operators import DenseOperator, DiagonalRealization, NotCausalError
 from integrations.third_party._selective import depthwise_causal_conv, selective_operator
 
 #: (module path, class name) of attention modules that return ``(output, weights)``.
@@ -116,6 +116,9 @@ def attention_weights_operator(module: nn.Module, args, kwargs, output) -> Dense
             f"{type(module).__name__} returned no attention weights; build the model with "
             "attn_implementation='eager' so the attention matrices exist"
         )
+    if weights.shape[-1] != weights.shape[-2]:
+        raise NotCausalError(f"{type(module).__name__} attends to another sequence (cross-attention, "
+                             f"weights {tuple(weights.shape)}): not a causal operator over one sequence")
     operator = DenseOperator(weights)
     hidden = args[0] if args else kwargs.get("hidden_states")
     projection = _child(module, OUTPUT_PROJECTIONS)
@@ -144,12 +147,14 @@ def _attention_values(module: nn.Module, hidden: torch.Tensor, heads: int) -> to
     batch, length, _ = hidden.shape
     if isinstance(getattr(module, "v_proj", None), nn.Module):
         values = module.v_proj(hidden)
-    elif isinstance(getattr(module, "c_attn", None), nn.Module) and hasattr(module, "split_size"):
+    elif (isinstance(getattr(module, "c_attn", None), nn.Module) and hasattr(module, "split_size")
+          and not hasattr(module, "multi_query")):  # GPT-2's [q | k | v]; GPTBigCode differs
         parts = module.c_attn(hidden).split(module.split_size, dim=2)  # GPT-2: q, k, v
         if len(parts) != 3:
             return None
         values = parts[2]
-    elif isinstance(getattr(module, "qkv_proj", None), nn.Module) and hasattr(module, "head_dim"):
+    elif (isinstance(getattr(module, "qkv_proj", None), nn.Module) and hasattr(module, "head_dim")
+          and type(module).__name__.startswith("Phi3")):  # Phi-3's [q | k | v]; CodeGen differs
         config = getattr(module, "config", None)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         values = module.qkv_proj(hidden)[..., -kv_heads * module.head_dim:]  # q, k, v stacked

@@ -20,12 +20,18 @@ def multihead_attention_operator(module: nn.MultiheadAttention, args, kwargs, ou
              "average_attn_weights", "is_causal")
     call = dict(zip(names, args, strict=False)) | kwargs
     query, key, value = call["query"], call["key"], call["value"]
-    if module.batch_first:
+    if module.batch_first and query.dim() == 3:  # torch transposes batched inputs only
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     length = query.shape[0]
+    if key.shape[0] != length or module.bias_k is not None or module.add_zero_attn:
+        raise NotCausalError("nn.MultiheadAttention attends to another sequence (cross-attention) or "
+                             "to added bias / zero keys: not a causal operator over one sequence")
     mask = call.get("attn_mask")
-    if mask is None and call.get("is_causal", False):
-        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+    if mask is None:  # is_causal=True alone is only a hint: torch's fast path may ignore it
+        raise NotCausalError(
+            "nn.MultiheadAttention was called without attn_mask, so it may attend to later tokens "
+            "(is_causal=True alone is a hint torch can ignore); pass "
+            "attn_mask=nn.Transformer.generate_square_subsequent_mask(L) for a causal layer")
     _, weights = F.multi_head_attention_forward(
         query, key, value, module.embed_dim, module.num_heads, module.in_proj_weight,
         module.in_proj_bias, module.bias_k, module.bias_v, module.add_zero_attn, 0.0,

@@ -459,8 +459,9 @@ def test_multihead_attention_calls_that_are_not_one_causal_sequence_are_left_out
             return self.attn(x, memory, memory)[0]
 
     x = torch.randn(2, 6, 8)
+    # under no_grad: with gradients torch itself refuses the is_causal hint without a mask
     with pytest.warns(UserWarning, match="without attn_mask"), \
-            pytest.raises(ValueError, match="non-causal"), torch.no_grad():  # (with gradients torch itself refuses the hint without a mask)
+            pytest.raises(ValueError, match="non-causal"), torch.no_grad():
         capture_operators(Hint().eval(), x)
     with pytest.warns(UserWarning, match="cross-attention"), pytest.raises(ValueError, match="non-causal"):
         capture_operators(Cross(), x, torch.randn(2, 4, 8))

@@ -467,3 +467,22 @@ def test_multihead_attention_calls_that_are_not_one_causal_sequence_are_left_out
         capture_operators(Cross(), x, torch.randn(2, 4, 8))
     unbatched = _Call2(nn.MultiheadAttention(8, 2, batch_first=True))  # [L, E] input, batch_first set
     assert capture_operators(unbatched, torch.randn(6, 8))["attn"].shape == (2,)
+
+
+def test_attached_penalty_reaches_layers_that_return_tuples():
+    from ess_reg import ESSOptimizer
+
+    grads = {}
+    for weight in (0.0, 10.0):
+        model = _gpt2()
+        reg = ESSRegularizer(model, weight=weight, splits=4) if weight else None
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        opt = ESSOptimizer(opt, reg) if reg is not None else opt
+        torch.manual_seed(1)
+        model(torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(5))
+              ).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+        grads[weight] = model.h[0].attn.c_attn.weight.grad.clone()
+        if reg is not None:
+            assert float(reg.last_penalty) != 0
+    assert not torch.allclose(grads[0.0], grads[10.0])

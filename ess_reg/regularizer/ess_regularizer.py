@@ -390,7 +390,7 @@ class ESSRegularizer:
         calls = self._calls
         calls[name] = calls.get(name, 0) + 1
         at = self._forward_splits
-        if not self._attached or not isinstance(output, torch.Tensor):
+        if not self._attached or _carrier(output) is None:
             self.operators[name] = op
             token = object()
             self._pending.setdefault(name, []).append((op, at, token))
@@ -411,7 +411,7 @@ class ESSRegularizer:
             self._step_terms.append(term.detach())
             return term
 
-        return _InjectPenalty.apply(penalty, self, output, *tensors)
+        return _with_carrier(output, _InjectPenalty.apply(penalty, self, _carrier(output), *tensors))
 
     def _left_out(self, name: str, error: Exception) -> None:
         self._not_causal[name] = error
@@ -419,9 +419,9 @@ class ESSRegularizer:
     def _on_recompute(self, name: str, module: nn.Module, op: Operator, output: Any) -> Any:
         """Activation checkpointing recomputes a layer inside backward: in attached mode the
         recomputed forward must save what the original saved (its penalty was counted already)."""
-        if not self._attached or not isinstance(output, torch.Tensor):
+        if not self._attached or _carrier(output) is None:
             return None
-        return _InjectPenalty.apply(_no_penalty, self, output, *op.tensors())
+        return _with_carrier(output, _InjectPenalty.apply(_no_penalty, self, _carrier(output), *op.tensors()))
 
     def attach(self, grad_scaler: Any = None) -> ESSRegularizer:
         """Backward-pass mode: the penalty's gradient is added inside ``loss.backward()``.
@@ -620,3 +620,18 @@ def _check_rest(every_n_steps, warmup_steps, dtype, tol, temperature):
         raise ValueError(f"tol must lie in (0, 1), got {tol}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _carrier(output: Any) -> torch.Tensor | None:
+    """The tensor an attached penalty rides on: the output, or the first element of a plain tuple
+    output (attention modules return ``(attn_output, attn_weights)``); None when there is none."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if type(output) is tuple and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _with_carrier(output: Any, carrier: torch.Tensor) -> Any:
+    """``output`` with its carrier replaced by ``carrier``."""
+    return carrier if isinstance(output, torch.Tensor) else (carrier, *output[1:])

@@ -315,6 +315,16 @@ class _ExtractHook:
         return self.callback(self.name, module, operator, output)
 
 
+_CHECKING = [False]
+
+
+def checking() -> bool:
+    """Whether :func:`ess_reg.check_capture` is running: extractors whose :class:`Capture` costs
+    extra work (recomputed projections or gates) build it only then, so a training step's capture
+    carries only the operator."""
+    return _CHECKING[0]
+
+
 def operator_of(result: Operator | Capture) -> Operator:
     """The operator of an extractor's result (a bare operator or a :class:`Capture`)."""
     return result.operator if isinstance(result, Capture) else result

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ess_reg.capture import Capture, _entry_for, recognised_modules
+from ess_reg.capture import _CHECKING, Capture, _entry_for, recognised_modules
 from ess_reg.operators import NotCausalError
 
 
@@ -42,9 +42,11 @@ def check_capture(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, floa
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
+        _CHECKING[0] = True
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
+        _CHECKING[0] = False
         for handle in handles:
             handle.remove()
         for m, training in modes.items():

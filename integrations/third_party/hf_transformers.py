@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ess_reg.capture import Capture
+from ess_reg.capture import Capture, checking
 from ess_reg.operators import DenseOperator, DiagonalRealization, NotCausalError
 from integrations.third_party._selective import depthwise_causal_conv, selective_operator
 
@@ -38,7 +38,7 @@ def _hidden_states(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> Capture:
+def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization | Capture:
     """Mamba-1 ``MambaMixer``: per inner channel ``d``,
     ``T_d[i, j] = sum_n C_{i,n} exp(A_{d,n} sum dt) dt_{j,d} B_{j,n}`` (the ``D`` skip and the
     ``silu(z)`` gate are outside ``T``). Rebuilt from the mixer's input and weights (``conv1d`` and
@@ -49,6 +49,8 @@ def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> Capture:
     operator = selective_operator(inner[..., 0].transpose(1, 2), module.x_proj, module.dt_proj.weight,
                                   module.dt_proj.bias, module.A_log, module.time_step_rank,
                                   module.ssm_state_size)
+    if not checking():
+        return operator
     masked = hidden if mask is None else hidden * mask[:, :, None].to(hidden.dtype)
     gate = module.in_proj(masked).transpose(1, 2).chunk(2, dim=1)[1]  # [B, D, L]
 
@@ -70,7 +72,7 @@ def mamba_inner_input(module: nn.Module, hidden: torch.Tensor, mask=None) -> tor
     return u[..., None]
 
 
-def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> Capture:
+def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization | Capture:
     """Mamba-2 ``Mamba2Mixer``: per head ``h``,
     ``T_h[i, j] = (C_i . B_j) exp(a_h sum dt) dt_{j,h}`` with ``B``, ``C`` of the head's group
     (scalar decay ``[B, H, L, 1]``; the ``D`` skip and the gated norm are outside ``T``)."""
@@ -78,6 +80,8 @@ def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> Capture:
     u, B, C, dt = mamba2_features(module, hidden)
     a = -torch.exp(module.A_log.float()).to(dt.dtype)
     operator = DiagonalRealization(C, dt * B, dt * a[None, :, None, None])
+    if not checking():
+        return operator
     gate = module.in_proj(hidden)[..., :module.intermediate_size]
     batch, length, _ = hidden.shape
 
@@ -120,6 +124,8 @@ def attention_weights_operator(module: nn.Module, args, kwargs, output) -> Dense
         raise NotCausalError(f"{type(module).__name__} attends to another sequence (cross-attention, "
                              f"weights {tuple(weights.shape)}): not a causal operator over one sequence")
     operator = DenseOperator(weights)
+    if not checking():
+        return operator
     hidden = args[0] if args else kwargs.get("hidden_states")
     projection = _child(module, OUTPUT_PROJECTIONS)
     values = None if hidden is None else _attention_values(module, hidden, weights.shape[1])

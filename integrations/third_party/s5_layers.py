@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ess_reg.capture import Capture
+from ess_reg.capture import Capture, checking
 from ess_reg.operators import DiagonalRealization
 
 
-def s5_operator(module: nn.Module, args, kwargs, output) -> Capture:
+def s5_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization | Capture:
     """``T_{h, h'}[i, j] = Re(sum_p C[h, p] Lambda_bar_p^(i-j) B_bar[p, h'])`` (S5 takes ``Re``
     without a factor 2, all eigenvalues being kept), for every pair of output channel ``h`` and input
     channel ``h'``: channel ``k = h * H + h'`` of the returned ``[H * H, L, P]`` realization (the
@@ -36,6 +36,8 @@ def s5_operator(module: nn.Module, args, kwargs, output) -> Capture:
     # S5 keeps both modes of every conjugate pair, so its real state has P dimensions, not 2 P.
     operator = DiagonalRealization(c.expand(shape), b.expand(shape), log_decay.expand(shape),
                                    state_size=C_tilde.shape[1], validate=False)
+    if not checking():
+        return operator
     # channel k = h * H + h' acts on input channel h'
     u = signal.transpose(-1, -2)[..., None, :, :, None].expand(
         *signal.shape[:-2], width, width, length, 1).reshape(*signal.shape[:-2], width * width, length, 1)

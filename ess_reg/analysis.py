@@ -56,8 +56,11 @@ class LayerReport:
 
     @property
     def verdict(self) -> str:
-        """:func:`ess_reg.diagnose`'s status from the utilization: saturated, collapsed or healthy."""
-        return layer_status(self.utilization)
+        """:func:`ess_reg.diagnose`'s status from the utilization: saturated, collapsed or healthy;
+        a layer without a finite state (attention) at its edge bound is "full rank" (it mixes as
+        many directions as a split allows, and has no state to grow)."""
+        status = layer_status(self.utilization)
+        return "full rank" if status == "saturated" and self.tss is None else status
 
     @property
     def state_verdict(self) -> str:
@@ -141,7 +144,8 @@ def format_reports(reports: list[LayerReport]) -> str:
         "total ESS     entropy-ESS summed over channels",
         "utilization   ESS / TSS (without a finite state: ESS / min(i, L - i)), 0 to 1",
         f"verdict       saturated (utilization >= {SATURATED_AT}: grow the state), collapsed "
-        f"(< {COLLAPSED_BELOW}: the state goes unused), healthy otherwise",
+        f"(< {COLLAPSED_BELOW}: the state goes unused), healthy otherwise; without a finite state "
+        f"'full rank' (utilization >= {SATURATED_AT}: at the edge bound, nothing to grow)",
         "ESS/kv        total ESS / key-value pairs of the MQAR task"
         + (" ('-' here: these inputs are not an MQAR task, so there is no kv count)" if no_kv else ""),
     ]

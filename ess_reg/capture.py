@@ -6,7 +6,6 @@ forward pass with hooks on every recognised module and returns their operators b
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ess_reg._class_lookup import lookup_by_class
+from ess_reg._warnings import warn_user
 from ess_reg.mixers import SequenceMixer
 from ess_reg.operators import NotCausalError, Operator
 
@@ -124,7 +124,9 @@ def supported_types() -> list[str]:
 
 def _rule_name(predicate: Callable[[nn.Module], bool]) -> str:
     doc = (predicate.__doc__ or "").strip().splitlines()
-    return doc[0].rstrip(".") if doc else getattr(predicate, "__qualname__", repr(predicate))
+    if not doc:
+        return getattr(predicate, "__qualname__", repr(predicate))
+    return doc[0].rstrip(".").replace("``", "")  # reST literals read as plain text in a message
 
 
 def recognised_modules(model: nn.Module, *, required: bool = False,
@@ -152,8 +154,8 @@ def recognised_modules(model: nn.Module, *, required: bool = False,
             f"every recognised module of {type(model).__name__} is bidirectional, and ESS needs a "
             f"causal operator: {_describe(left_out)}")
     if left_out:
-        warnings.warn(f"ess-reg leaves out {len(left_out)} bidirectional layer(s) (ESS needs a causal "
-                      f"operator): {_describe(left_out)}", stacklevel=3)
+        warn_user(f"ess-reg leaves out {len(left_out)} bidirectional layer(s) (ESS needs a causal "
+                      f"operator): {_describe(left_out)}")
     return causal
 
 
@@ -305,8 +307,8 @@ class _ExtractHook:
         try:
             operator = operator_of(self.entry.extract(module, args, kwargs, output))
         except NotCausalError as error:
-            warnings.warn(f"ess-reg leaves out layer {self.name!r} ({type(module).__name__}) in this "
-                          f"forward: {error}", stacklevel=2)
+            warn_user(f"ess-reg leaves out layer {self.name!r} ({type(module).__name__}) in this "
+                          f"forward: {error}")
             if self.on_not_causal is not None:
                 self.on_not_causal(self.name, error)
             return None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from ess_reg._warnings import warn_user
 from ess_reg.capture import _CHECKING, Capture, _entry_for, recognised_modules
+from ess_reg.functional.memory import require_fits
 from ess_reg.operators import NotCausalError
 
 
@@ -29,6 +31,8 @@ def check_capture(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, floa
 
     Raises:
         ValueError: if ``model`` contains no recognised module.
+        MemoryError: if a layer's dense operator (``[B, C, L, L]`` in float64) exceeds the memory
+            budget (:func:`ess_reg.set_memory_budget`); the message names the layer.
     """
     targets = recognised_modules(model, required=True)
     results: dict[str, Capture] = {}
@@ -52,11 +56,11 @@ def check_capture(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, floa
         for m, training in modes.items():
             m.train(training)
     if bare:
-        warnings.warn(f"check_capture cannot verify {', '.join(map(repr, bare))}: the extractor "
+        warn_user(f"check_capture cannot verify {', '.join(map(repr, bare))}: the extractor "
                       "returns a bare operator; return ess_reg.Capture(operator, u, y, readout) to "
-                      "make it checkable", stacklevel=2)
+                      "make it checkable")
     with torch.no_grad():
-        return {name: _relative_error(capture) for name, capture in results.items()}
+        return {name: _relative_error(name, capture) for name, capture in results.items()}
 
 
 class _Keep:
@@ -67,8 +71,8 @@ class _Keep:
         try:
             result = self.entry.extract(module, args, kwargs, output)
         except NotCausalError as error:
-            warnings.warn(f"check_capture leaves out layer {self.name!r} ({type(module).__name__}): "
-                          f"{error}", stacklevel=2)
+            warn_user(f"check_capture leaves out layer {self.name!r} ({type(module).__name__}): "
+                          f"{error}")
             return
         if isinstance(result, Capture):
             self.results.setdefault(self.name, result)  # a layer called twice: its first call
@@ -76,9 +80,17 @@ class _Keep:
             self.bare.append(self.name)
 
 
-def _relative_error(capture: Capture) -> float:
+def _relative_error(name: str, capture: Capture) -> float:
     """``max |readout(T u) - y| / max |y|``, ``T u`` formed in float64 (complex: its real part)."""
     u = capture.u
+    operator = capture.operator
+    complex_ = operator.dtype.is_complex or getattr(operator, "is_complex", False)
+    matrices = math.prod(operator.shape) * operator.seq_len ** 2
+    require_fits(matrices * (16 if complex_ else 8) + 2 * u.numel() * 8, operator.device,
+                 f"check_capture of layer {name!r} (it forms T densely: {tuple(operator.shape)} "
+                 f"matrices of {operator.seq_len} x {operator.seq_len} in float64)",
+                 "check on fewer examples or a shorter sequence (a batch of 1 and a few hundred "
+                 "tokens verify an extractor as well as a full batch)")
     mixed = capture.operator.dense(torch.float64) @ u.to(torch.float64)
     if capture.readout is not None:
         mixed = capture.readout(mixed.to(u.dtype))

@@ -253,6 +253,7 @@ def _analyze(args: argparse.Namespace) -> None:
     from ess_reg.analysis import format_reports, layer_report
     from ess_reg.training import load_run, make_task, save_curve_plot
 
+    _plot_path(args.plot, Path.cwd(), "check.png")  # a bad --plot fails before the analysis runs
     if args.hf:
         _analyze_hf(args)
         return
@@ -276,7 +277,17 @@ def _plot_path(given: str | None, default_folder: Path, name: str) -> Path:
     if given is None:
         return default_folder / name
     path = Path(given)
-    return path if path.suffix.lower() in (".png", ".pdf", ".svg", ".jpg", ".jpeg") else path / name
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return path
+    if path.suffix and not path.is_dir():
+        raise ValueError(f"--plot {given}: {path.suffix!r} is not an image type matplotlib writes; "
+                         f"name a file ending in {', '.join(sorted(_IMAGE_SUFFIXES))} or an existing folder")
+    return path / name
+
+
+#: file types matplotlib writes without extra software
+_IMAGE_SUFFIXES = frozenset({".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif",
+                             ".tiff", ".webp", ".gif"})
 
 
 def _note_sampled_splits(reports: list) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torchmetrics import Metric
 
+from ess_reg._warnings import warn_user
 from ess_reg.functional.ess import DEFAULT_TOL, SAMPLED_DENSE_SPLITS, _is_long_dense
 from ess_reg.functional.splits import Splits, resolve_splits
 from ess_reg.functional.summary import _ess_compute, _ess_update
@@ -189,12 +189,10 @@ class ESSMetric(Metric):
 
     def _warn_if_slow(self, name: str, op: Operator) -> None:
         if self.splits is None and _is_long_dense(op):
-            warnings.warn(
+            warn_user(
                 f"ESSMetric: layer {name!r} (L = {op.seq_len}) takes the O(L^4) dense route, and "
                 f"every update evaluates all {op.seq_len - 1} splits; pass "
-                f"splits={SAMPLED_DENSE_SPLITS} (evenly spaced) for a much faster estimate",
-                stacklevel=5,  # warn, _warn_if_slow, _register, update, torchmetrics wrapper
-            )
+                f"splits={SAMPLED_DENSE_SPLITS} (evenly spaced) for a much faster estimate")
 
     @staticmethod
     def _as_dict(operators: Operator | torch.Tensor | Mapping[str, Any]) -> dict[str, Operator]:

@@ -67,6 +67,7 @@ def test_unrecognised_model_lists_what_is_supported():
     with pytest.raises(ValueError, match=r"no module ess-reg recognises; supported types: .*SequenceMixer"):
         capture_operators(nn.Linear(3, 3), torch.randn(2, 3))
     assert any("SequenceMixer" in t for t in supported_types())
+    assert not any("``" in t for t in supported_types())  # rule names read as plain text
 
 
 class _CumulativeMean(nn.Module):
@@ -97,3 +98,44 @@ def test_autoencoder_model_for_compression():
     ids = torch.randint(0, 16, (3, 12))
     assert model(ids).shape == (3, 12, 16)
     assert list(capture_operators(model, ids)) == ["encoder.blocks.0.mixer"]
+
+
+@pytest.mark.parametrize("where", ["mix", "readout"])
+def test_a_forward_that_raises_leaves_no_request_armed_and_no_graph(where, monkeypatch):
+    import copy
+
+    from ess_reg import ESSRegularizer, TransitionPenalty
+
+    model = SequenceModel("gla", d_model=16, n_layers=1, vocab_size=30)
+    mixer = model.blocks[0].mixer
+    reg, penalty = ESSRegularizer(model, splits=2), TransitionPenalty(model, 0.1)
+    ids = torch.randint(0, 30, (2, 8))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(mixer, where, fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model(ids)
+    monkeypatch.undo()
+    held = [v for v in vars(mixer).values() if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+    assert not held and mixer.captured_operator is None and mixer.captured_transition is None
+    assert not mixer._capture_operator and not mixer._capture_transition
+    copy.deepcopy(model)  # an EMA copy after a failed step
+    with torch.no_grad():
+        model(ids)  # a forward the regularizer did not arm keeps nothing
+    assert mixer.captured_operator is None and mixer.captured_io is None
+    reg.remove()
+    penalty.remove()
+
+
+def test_warnings_from_hooks_name_the_users_line():
+    from ess_reg import ESSRegularizer
+
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+    reg = ESSRegularizer(model)
+    with pytest.warns(UserWarning, match="leaves out layer") as record:
+        model(torch.randn(2, 6, 16))  # the line the warning names
+    assert {r.filename for r in record if "leaves out" in str(r.message)} == {__file__}
+    reg.remove()

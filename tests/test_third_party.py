@@ -486,3 +486,58 @@ def test_attached_penalty_reaches_layers_that_return_tuples():
         if reg is not None:
             assert float(reg.last_penalty) != 0
     assert not torch.allclose(grads[0.0], grads[10.0])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches_give_the_operator_the_layer_computes(side):
+    """A padding mask reaches the extractors: Mamba-2 zeroes the padded positions' x, B and C, and a
+    padded attention query (left padding: one that may attend to nothing) gets a zero row."""
+    from transformers import Mamba2Config, Mamba2Model
+
+    from ess_reg import check_capture
+
+    warnings.filterwarnings("ignore", message=".*falling back.*")
+    ids = torch.randint(1, 50, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    padded = slice(0, 4) if side == "left" else slice(8, None)
+    mask[0, padded] = 0
+    mamba2 = Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=2,
+                          num_hidden_layers=1, vocab_size=50, expand=2, chunk_size=8)
+    models = {"HF Mamba": (_hf_mamba(), 1e-8), "HF Mamba-2": (Mamba2Model(mamba2).double(), 1e-6),
+              "HF GPT-2 (eager)": (_gpt2().float(), 1e-5),
+              "HF Llama (eager)": (_hf_eager("LlamaConfig", "LlamaModel", num_key_value_heads=2,
+                                             intermediate_size=64).float(), 1e-5)}
+    for case, (model, tolerance) in models.items():
+        errors = check_capture(model, ids, attention_mask=mask)
+        assert errors and all(e < tolerance for e in errors.values()), (case, side, errors)
+        for name, op in capture_operators(model, ids, attention_mask=mask).items():
+            if isinstance(op, DenseOperator):  # padded queries read nothing, real ones no padding
+                T = op.dense()[0]
+                assert (T[:, padded] == 0).all() and (T[:, :, padded] == 0).all(), (case, name)
+
+
+def test_clip_text_tower_is_causal_and_its_vision_tower_is_left_out():
+    """CLIP's attention class says is_causal=False for both towers; the text tower is called with a
+    causal mask, so it is measured and regularized; the vision tower is left out at construction."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    from ess_reg import check_capture
+
+    torch.manual_seed(0)
+    text = CLIPTextConfig(vocab_size=50, bos_token_id=0, eos_token_id=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=16)
+    text._attn_implementation = "eager"
+    model = CLIPTextModel(text)
+    ids = torch.randint(0, 50, (2, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left out
+        reg = ESSRegularizer(model, splits=4)
+    assert len(reg.modules) == 2
+    model(ids).last_hidden_state.sum().mul(0).add(reg()).backward()
+    assert model.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(e < 1e-5 for e in check_capture(model, ids).values())
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4, image_size=16, patch_size=8)
+    vision._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="every recognised module.*bidirectional.*is_causal=False"):
+        ESSRegularizer(CLIPVisionModel(vision))

@@ -56,6 +56,11 @@ def test_cli_train_then_analyze(tmp_path, capsys):
     assert (tmp_path / "cli" / "analyze_ess_curves.png").exists()
     assert main(["analyze", out, "--examples", "4", "--splits", "5", "--plot", str(tmp_path / "figs")]) == 0
     assert (tmp_path / "figs" / "analyze_ess_curves.png").exists()
+    assert main(["analyze", out, "--examples", "4", "--splits", "5", "--plot", str(tmp_path / "c.eps")]) == 0
+    assert (tmp_path / "c.eps").is_file()
+    capsys.readouterr()
+    assert main(["analyze", out, "--examples", "4", "--plot", str(tmp_path / "c.txt")]) == 2
+    assert "'.txt' is not an image type" in capsys.readouterr().err and not (tmp_path / "c.txt").exists()
 
 
 @pytest.mark.parametrize(

@@ -81,18 +81,27 @@ class SequenceMixer(nn.Module, ABC):
 
     # -- public API ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self)
-        features = self.featurize(x)
-        y = self.mix(features)
-        if self._capture_operator:
-            self._capture_operator = False
-            self._capture_readers, self._capture_requests = self._capture_requests, 0
-            self.captured_operator = self.build_operator(features)
-            self.captured_io = (features["u"], y)
-        if self._capture_transition:
-            self._capture_transition = False
-            self.captured_transition = self.transition_from_features(features)
-        return self.readout(features, y)
+        try:
+            _check_input(x, self)
+            features = self.featurize(x)
+            y = self.mix(features)
+            if self._capture_operator:
+                self._capture_operator = False
+                self._capture_readers, self._capture_requests = self._capture_requests, 0
+                self.captured_operator = self.build_operator(features)
+                self.captured_io = (features["u"], y)
+            if self._capture_transition:
+                self._capture_transition = False
+                self.captured_transition = self.transition_from_features(features)
+            return self.readout(features, y)
+        except BaseException:
+            self._drop_capture()  # a failed forward leaves no request armed and no graph behind
+            raise
+
+    def _drop_capture(self) -> None:
+        self._capture_operator = self._capture_transition = False
+        self._capture_requests = self._capture_readers = 0
+        self.captured_operator = self.captured_io = self.captured_transition = None
 
     def trace(self, x: torch.Tensor) -> MixerTrace:
         """The operator, its input ``u`` and the inner output ``y`` for ``x: [B, L, D]``."""

@@ -72,17 +72,23 @@ def mamba_inner_input(module: nn.Module, hidden: torch.Tensor, mask=None) -> tor
     return u[..., None]
 
 
+def _masked(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``states [B, L, d]`` with padded positions (``mask [B, L]`` zero) set to zero."""
+    return states if mask is None else states * mask[:, :, None].to(states.dtype)
+
+
 def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization | Capture:
     """Mamba-2 ``Mamba2Mixer``: per head ``h``,
     ``T_h[i, j] = (C_i . B_j) exp(a_h sum dt) dt_{j,h}`` with ``B``, ``C`` of the head's group
     (scalar decay ``[B, H, L, 1]``; the ``D`` skip and the gated norm are outside ``T``)."""
     hidden = _hidden_states(args, kwargs)
-    u, B, C, dt = mamba2_features(module, hidden)
+    mask = kwargs.get("attention_mask")
+    u, B, C, dt = mamba2_features(module, hidden, mask)
     a = -torch.exp(module.A_log.float()).to(dt.dtype)
     operator = DiagonalRealization(C, dt * B, dt * a[None, :, None, None])
     if not checking():
         return operator
-    gate = module.in_proj(hidden)[..., :module.intermediate_size]
+    gate = module.in_proj(_masked(hidden, mask))[..., :module.intermediate_size]
     batch, length, _ = hidden.shape
 
     def readout(mixed: torch.Tensor) -> torch.Tensor:  # T u [B, H, L, P] -> the mixer's output
@@ -92,12 +98,15 @@ def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRe
     return Capture(operator, u, output, readout)
 
 
-def mamba2_features(module: nn.Module, hidden: torch.Tensor):
-    """``u [B, H, L, P]``, ``B``, ``C`` ``[B, H, L, N]`` and ``dt [B, H, L, 1]`` of a Mamba-2 input."""
+def mamba2_features(module: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None = None):
+    """``u [B, H, L, P]``, ``B``, ``C`` ``[B, H, L, N]`` and ``dt [B, H, L, 1]`` of a Mamba-2 input
+    ``hidden [B, L, d]``; a padding ``mask [B, L]`` zeroes the padded positions' input and their
+    ``x``, ``B``, ``C`` after the convolution, as the mixer does (their ``dt`` still decays the state)."""
     batch, length, _ = hidden.shape
-    _, xbc, dt = module.in_proj(hidden).split(
+    _, xbc, dt = module.in_proj(_masked(hidden, mask)).split(
         [module.intermediate_size, module.conv_dim, module.num_heads], dim=-1)
     xbc = module.act(depthwise_causal_conv(xbc.transpose(1, 2), module.conv1d)).transpose(1, 2)
+    xbc = _masked(xbc, mask)
     x, B, C = torch.split(xbc, [module.intermediate_size, module.n_groups * module.ssm_state_size,
                                 module.n_groups * module.ssm_state_size], dim=-1)
     repeat = module.num_heads // module.n_groups
@@ -123,6 +132,9 @@ def attention_weights_operator(module: nn.Module, args, kwargs, output) -> Dense
     if weights.shape[-1] != weights.shape[-2]:
         raise NotCausalError(f"{type(module).__name__} attends to another sequence (cross-attention, "
                              f"weights {tuple(weights.shape)}): not a causal operator over one sequence")
+    padded = _padded_queries(kwargs.get("attention_mask"), weights.shape[-1])
+    if padded is not None:  # a padded query attends to nothing (left padding: to everything)
+        weights = torch.where(padded[..., None], weights.new_zeros(()), weights)
     operator = DenseOperator(weights)
     if not checking():
         return operator
@@ -136,7 +148,26 @@ def attention_weights_operator(module: nn.Module, args, kwargs, output) -> Dense
     def readout(mixed: torch.Tensor) -> torch.Tensor:  # [B, H, L, hd] -> the module's output
         return projection(mixed.transpose(1, 2).reshape(batch, length, -1))
 
-    return Capture(operator, values, output[0], readout)
+    y = output[0]
+    if padded is not None:  # padded positions' outputs are padding: compared as what T gives them
+        y = torch.where(padded.all(1)[..., None], readout(torch.zeros_like(values)), y)
+    return Capture(operator, values, y, readout)
+
+
+def _padded_queries(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """Padded query positions ``[B, 1|H, L]`` of an HF attention mask (boolean, True = attend, or
+    additive, ``[B, 1|H, L, L]``): a causal query that may not attend to itself is padding. None when
+    there is no such mask or no padded position."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (length, length):
+        return None
+    diagonal = mask.diagonal(dim1=-2, dim2=-1)  # [B, 1|H, L]
+    if diagonal.dtype == torch.bool:
+        padded = ~diagonal
+    elif diagonal.is_floating_point():
+        padded = diagonal < torch.finfo(diagonal.dtype).min / 2  # additive: min value or -inf
+    else:
+        return None
+    return padded
 
 
 #: child names of an attention module's output projection and of its value projection
@@ -187,9 +218,21 @@ def is_eager_hf_attention(module: nn.Module) -> bool:
             and _child(module, VALUE_PROJECTIONS) is not None)
 
 
+#: configs of text towers whose attention modules say ``is_causal=False`` (the class is shared
+#: with the vision tower) but are always called with a causal mask (CLIP and its derivatives)
+CAUSAL_MASK_TEXT_CONFIGS = ("CLIPTextConfig", "XCLIPTextConfig", "GroupViTTextConfig",
+                            "OwlViTTextConfig", "Owlv2TextConfig", "CLIPSegTextConfig")
+
+
 def hf_attention_bidirectional(module: nn.Module) -> str | None:
-    """Why a transformers attention module is non-causal before any call (None when causal)."""
-    if getattr(module, "is_causal", True) and not getattr(module, "is_cross_attention", False):
+    """Why a transformers attention module is non-causal before any call (None when causal).
+    Text towers of the CLIP family pass a causal mask at call time: recognised by their config (a
+    call that turns out non-causal is still left out then, with a warning naming the layer)."""
+    if getattr(module, "is_cross_attention", False):
+        return f"{type(module).__name__} is a cross-attention layer: it attends to another sequence"
+    if getattr(module, "is_causal", True):
+        return None
+    if type(getattr(module, "config", None)).__name__ in CAUSAL_MASK_TEXT_CONFIGS:
         return None
     return (f"{type(module).__name__} has is_causal=False: an encoder or cross-attention layer "
             "attends both ways")

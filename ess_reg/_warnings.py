@@ -19,16 +19,20 @@ _LIBRARIES = tuple({os.path.abspath(p) + os.sep for key in ("purelib", "platlib"
                     if (p := sysconfig.get_paths().get(key))})
 
 
-def _internal(filename: str) -> bool:
-    if filename.startswith("<"):  # <frozen ...>, <string> of exec'd library code
-        return not filename.startswith("<stdin>") and not filename.startswith("<ipython")
+def _internal(frame) -> bool:
+    filename = frame.f_code.co_filename
+    if filename.startswith("<"):  # <frozen ...>, generated code, or a user's -c / REPL / notebook cell
+        return frame.f_globals.get("__name__") != "__main__"
     path = os.path.abspath(filename)
     return path.startswith(_PROJECT) or path.startswith(_LIBRARIES)
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn(message, category)`` attributed to the first caller outside libraries."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and _internal(frame.f_code.co_filename):
+    """``warnings.warn(message, category)`` attributed to the first caller outside libraries (the
+    outermost frame when every frame is library code, e.g. under a test runner's exec)."""
+    frame, level, outermost = sys._getframe(1), 2, 2
+    while frame is not None and _internal(frame):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level if frame is not None else 2)
+        if frame is not None:
+            outermost = level
+    warnings.warn(message, category, stacklevel=level if frame is not None else outermost)

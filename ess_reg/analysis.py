@@ -59,8 +59,7 @@ class LayerReport:
         """:func:`ess_reg.diagnose`'s status from the utilization: saturated, collapsed or healthy;
         a layer without a finite state (attention) at its edge bound is "full rank" (it mixes as
         many directions as a split allows, and has no state to grow)."""
-        status = layer_status(self.utilization)
-        return "full rank" if status == "saturated" and self.tss is None else status
+        return layer_status(self.utilization, finite_state=self.tss is not None)
 
     @property
     def state_verdict(self) -> str:

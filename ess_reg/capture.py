@@ -6,6 +6,7 @@ forward pass with hooks on every recognised module and returns their operators b
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -237,7 +238,10 @@ def hook_operators(
         pre = _ArmHook(name, entry, active, reentrant_error)
         handles.append(module.register_forward_pre_hook(pre))
         extract = _ExtractHook(name, entry, pre, callback, replay, on_not_causal)
-        handles.append(module.register_forward_hook(extract, with_kwargs=True))
+        # first among the module's hooks (a user's hook that raises cannot strand the operator on
+        # the module), and also called when the forward raises, to disarm
+        handles.append(module.register_forward_hook(extract, with_kwargs=True, prepend=True,
+                                                    always_call=True))
     return handles
 
 
@@ -304,6 +308,8 @@ class _ExtractHook:
         if not self.arm.armed:
             return None
         self.arm.armed = False
+        if output is None and sys.exc_info()[1] is not None:
+            return None  # the forward raised: nothing to extract (the mixer dropped its capture)
         try:
             operator = operator_of(self.entry.extract(module, args, kwargs, output))
         except NotCausalError as error:

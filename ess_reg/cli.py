@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -273,15 +274,18 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _plot_path(given: str | None, default_folder: Path, name: str) -> Path:
-    """``--plot``: a file path (with an image suffix) or a folder to put ``name`` in."""
+    """``--plot``: a file path (with an image suffix) or a folder to put ``name`` in (one that exists,
+    a name without a suffix, or any name ending in ``/``)."""
     if given is None:
         return default_folder / name
     path = Path(given)
-    if path.suffix.lower() in _IMAGE_SUFFIXES:
+    folder = given.endswith(("/", os.sep)) or path.is_dir()
+    if not folder and path.suffix.lower() in _IMAGE_SUFFIXES:
         return path
-    if path.suffix and not path.is_dir():
+    if not folder and path.suffix:
         raise ValueError(f"--plot {given}: {path.suffix!r} is not an image type matplotlib writes; "
-                         f"name a file ending in {', '.join(sorted(_IMAGE_SUFFIXES))} or an existing folder")
+                         f"name a file ending in {', '.join(sorted(_IMAGE_SUFFIXES))}, or a folder "
+                         f"(end it with '/': --plot {given}/)")
     return path / name
 
 

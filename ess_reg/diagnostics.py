@@ -21,7 +21,8 @@ COLLAPSED_BELOW = 0.1
 class LayerDiagnosis:
     """One layer: ``status`` is ``"saturated"`` (utilization >= the saturation threshold: the layer
     needs more state), ``"collapsed"`` (below the collapse threshold: it uses little of the state it
-    has) or ``"healthy"``."""
+    has) or ``"healthy"``; a layer without a finite state (``tss`` None: attention) at or above the
+    saturation threshold is ``"full rank"`` (at its edge bound ``min(i, L - i)``, no state to grow)."""
 
     layer: str
     status: str
@@ -57,15 +58,17 @@ class Diagnosis:
         rows = [(d.layer, d.status, f"{d.utilization:.3f}",
                  "-" if d.ess is None else f"{d.ess:.2f}", "-" if d.tss is None else f"{d.tss:g}")
                 for d in self.layers]
-        legend = f"(saturated: utilization >= {self.saturated_at}; collapsed: < {self.collapsed_below})"
+        legend = (f"(saturated: utilization >= {self.saturated_at}; collapsed: < {self.collapsed_below}; "
+                  "full rank: a layer without a finite state at its edge bound)")
         return format_table(header, rows) + "\n" + legend
 
 
 def layer_status(utilization: float, saturated_at: float = SATURATED_AT,
-                 collapsed_below: float = COLLAPSED_BELOW) -> str:
-    """``"saturated"``, ``"collapsed"`` or ``"healthy"`` for one utilization (ESS / TSS)."""
+                 collapsed_below: float = COLLAPSED_BELOW, *, finite_state: bool = True) -> str:
+    """``"saturated"``, ``"collapsed"`` or ``"healthy"`` for one utilization (ESS / TSS);
+    ``"full rank"`` instead of saturated for a layer without a finite state (``finite_state=False``)."""
     if utilization >= saturated_at:
-        return "saturated"
+        return "saturated" if finite_state else "full rank"
     return "collapsed" if utilization < collapsed_below else "healthy"
 
 
@@ -77,7 +80,8 @@ def diagnose(
     kind: str = "entropy",
     splits: Any = None,
 ) -> Diagnosis:
-    """Classify every layer as saturated, collapsed or healthy from its utilization (ESS / TSS).
+    """Classify every layer as saturated, collapsed or healthy from its utilization (ESS / TSS)
+    (a layer without a finite state at its edge bound: "full rank").
 
     ``source`` is an ``ESSMetric.compute()`` result (keys ``"{layer}/utilization"``), a dict
     ``name -> operator`` (as from :func:`ess_reg.capture_operators`) or a single operator; for
@@ -89,7 +93,7 @@ def diagnose(
         )
     entries = []
     for layer, (util, ess, tss) in _utilizations(source, kind, splits).items():
-        status = layer_status(util, saturated_at, collapsed_below)
+        status = layer_status(util, saturated_at, collapsed_below, finite_state=tss is not None)
         entries.append(LayerDiagnosis(layer, status, util, ess, tss))
     return Diagnosis(entries, saturated_at, collapsed_below)
 

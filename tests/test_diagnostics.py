@@ -32,6 +32,19 @@ def test_the_two_failure_modes_are_detected():
     assert "collapsed" in table and "saturated" in table and "utilization" in table
 
 
+def test_attention_at_its_edge_bound_is_full_rank_not_saturated():
+    from ess_reg import DenseOperator
+
+    g = torch.Generator().manual_seed(0)
+    attention = DenseOperator(torch.randn(1, 2, 16, 16, generator=g).tril())  # generic: full rank
+    result = diagnose({"attn": attention, "ssm": _saturated()})
+    assert result["attn"].status == "full rank" and result["attn"].tss is None
+    assert result.saturated == ["ssm"]
+    metric = ESSMetric()
+    metric.update({"attn": attention})
+    assert diagnose(metric.compute())["attn"].status == "full rank"
+
+
 def test_diagnose_from_a_metric_result_and_thresholds():
     metric = ESSMetric()
     metric.update({"a": _collapsed(), "b": _saturated()})

@@ -139,3 +139,47 @@ def test_warnings_from_hooks_name_the_users_line():
         model(torch.randn(2, 6, 16))  # the line the warning names
     assert {r.filename for r in record if "leaves out" in str(r.message)} == {__file__}
     reg.remove()
+
+
+def test_a_failed_forward_leaves_nothing_pending_and_a_raising_user_hook_strands_no_graph():
+    import copy
+
+    from ess_reg import ESSRegularizer
+
+    ids, ids2 = torch.randint(0, 30, (2, 8)), torch.randint(0, 30, (2, 8))
+    torch.manual_seed(0)
+    model = SequenceModel("gla", d_model=16, n_layers=2, vocab_size=30)
+    clean = copy.deepcopy(model)
+    reg = ESSRegularizer(model, splits=[2, 5])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated failure in layer 1")
+
+    model.blocks[1].mixer.mix = fail  # layer 0 was captured before layer 1 raised
+    with pytest.raises(RuntimeError, match="simulated"):
+        model(ids)
+    del model.blocks[1].mixer.mix
+    assert reg._pending == {}  # layer 0's operator (and its graph) is gone
+    assert all(t.grad_fn is None for op in reg.operators.values() for t in op.tensors())
+    model(ids2)
+    reference = ESSRegularizer(clean, splits=[2, 5])
+    clean(ids2)
+    torch.testing.assert_close(reg(), reference())  # the failed forward does not count
+
+    state = {"fail": True}
+
+    def guard(module, args, output):  # a user's hook registered before the regularizer
+        if state["fail"]:
+            raise FloatingPointError("non-finite output")
+
+    model = SequenceModel("gla", d_model=16, n_layers=1, vocab_size=30)
+    model.blocks[0].mixer.register_forward_hook(guard)
+    reg = ESSRegularizer(model, splits=2)
+    with pytest.raises(FloatingPointError):
+        model(ids)
+    mixer = model.blocks[0].mixer
+    assert mixer.captured_operator is None and mixer.captured_io is None
+    copy.deepcopy(model)
+    state["fail"] = False
+    model(ids)
+    assert reg() > 0

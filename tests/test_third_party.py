@@ -524,8 +524,8 @@ def test_clip_text_tower_is_causal_and_its_vision_tower_is_left_out():
     from ess_reg import check_capture
 
     torch.manual_seed(0)
-    text = CLIPTextConfig(vocab_size=50, bos_token_id=0, eos_token_id=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=16)
+    text = CLIPTextConfig(vocab_size=50, bos_token_id=0, eos_token_id=1, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16)
     text._attn_implementation = "eager"
     model = CLIPTextModel(text)
     ids = torch.randint(0, 50, (2, 10))

@@ -58,6 +58,8 @@ def test_cli_train_then_analyze(tmp_path, capsys):
     assert (tmp_path / "figs" / "analyze_ess_curves.png").exists()
     assert main(["analyze", out, "--examples", "4", "--splits", "5", "--plot", str(tmp_path / "c.eps")]) == 0
     assert (tmp_path / "c.eps").is_file()
+    assert main(["analyze", out, "--examples", "4", "--plot", str(tmp_path / "figs.v2") + "/"]) == 0
+    assert (tmp_path / "figs.v2" / "analyze_ess_curves.png").is_file()
     capsys.readouterr()
     assert main(["analyze", out, "--examples", "4", "--plot", str(tmp_path / "c.txt")]) == 2
     assert "'.txt' is not an image type" in capsys.readouterr().err and not (tmp_path / "c.txt").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -164,6 +165,7 @@ class ESSRegularizer:
         self._pending: dict[str, list[tuple[Operator, Any, object]]] = {}  # loss-term: (op, splits, token)
         self._backwarded: set[object] = set()  # tokens of pending forwards a backward went through
         self._forward_splits: Any = None  # this forward's splits from a callable ``splits``
+        self._forward_tokens: set[object] = set()  # tokens of the pending entries this forward added
         self._calls: dict[str, int] = {}  # calls of each layer in the model's current forward
         self._step_terms: list[torch.Tensor] = []  # attached mode: terms built in this step's backward
         self._last_penalty: torch.Tensor | None = None
@@ -176,6 +178,7 @@ class ESSRegularizer:
                                        replay=self._on_recompute, reentrant_error=_REENTRANT,
                                        on_not_causal=self._left_out)
         self._handles.append(self.model.register_forward_pre_hook(_StartForward(self), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(_EndForward(self), always_call=True))
 
     # -- schedule ------------------------------------------------------------------------------
     @property
@@ -394,6 +397,7 @@ class ESSRegularizer:
             self.operators[name] = op
             token = object()
             self._pending.setdefault(name, []).append((op, at, token))
+            self._forward_tokens.add(token)
             # the layer's output lies on the loss's path (an operator tensor may not, or be a leaf)
             anchor = output if isinstance(output, torch.Tensor) and output.requires_grad else next(
                 (t for t in op.tensors() if t.requires_grad and t.grad_fn is not None), None)
@@ -509,6 +513,7 @@ class _StartForward:
             return
         reg = self.regularizer
         reg._calls = {}
+        reg._forward_tokens = set()
         if reg._backwarded and reg._capture_now():  # forwards already backwarded without reg()
             done = reg._backwarded
             pending = {name: [e for e in ops if e[2] not in done] for name, ops in reg._pending.items()}
@@ -521,6 +526,32 @@ class _StartForward:
                 raise ValueError("splits gave None; a splits callable must return a [B, S] (or [S]) "
                                  "index tensor for the batch")
             reg._forward_splits = splits
+
+    def __deepcopy__(self, memo: dict) -> _InertHook:
+        return _InertHook()
+
+
+class _EndForward:
+    """Model forward hook, also called when the forward raises (``always_call``): a forward that
+    failed part-way (an out-of-memory error, a bad batch) leaves nothing pending, so its layers'
+    graphs are freed and the next ``reg()`` sees only complete forwards (picklable)."""
+
+    def __init__(self, regularizer: ESSRegularizer) -> None:
+        self.regularizer = regularizer
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if output is not None or sys.exc_info()[1] is None or recomputing():
+            return  # a forward that returned (or one recomputed inside backward)
+        reg = self.regularizer
+        failed, reg._forward_tokens = reg._forward_tokens, set()
+        if not failed:
+            return
+        kept = {name: [e for e in ops if e[2] not in failed] for name, ops in reg._pending.items()}
+        for name, ops in reg._pending.items():
+            if ops and ops[-1][2] in failed:
+                reg.operators[name] = _detached(ops[-1][0])  # logging keeps no graph either
+        reg._pending = {name: ops for name, ops in kept.items() if ops}
 
     def __deepcopy__(self, memo: dict) -> _InertHook:
         return _InertHook()

@@ -157,7 +157,8 @@ def attention_weights_operator(module: nn.Module, args, kwargs, output) -> Dense
 def _padded_queries(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
     """Padded query positions ``[B, 1|H, L]`` of an HF attention mask (boolean, True = attend, or
     additive, ``[B, 1|H, L, L]``): a causal query that may not attend to itself is padding. None when
-    there is no such mask or no padded position."""
+    there is no such mask (whether any position is padded is not asked: that would wait for the
+    device)."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (length, length):
         return None
     diagonal = mask.diagonal(dim1=-2, dim2=-1)  # [B, 1|H, L]
@@ -220,7 +221,7 @@ def is_eager_hf_attention(module: nn.Module) -> bool:
 
 #: configs of text towers whose attention modules say ``is_causal=False`` (the class is shared
 #: with the vision tower) but are always called with a causal mask (CLIP and its derivatives)
-CAUSAL_MASK_TEXT_CONFIGS = ("CLIPTextConfig", "XCLIPTextConfig", "GroupViTTextConfig",
+CAUSAL_MASK_TEXT_CONFIGS = ("CLIPTextConfig", "MetaClip2TextConfig", "XCLIPTextConfig",
                             "OwlViTTextConfig", "Owlv2TextConfig", "CLIPSegTextConfig")
 
 

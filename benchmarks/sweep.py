@@ -1,6 +1,7 @@
 """One resumable runner for every training sweep: a grid file in, one JSON line per finished run out.
 
     python benchmarks/sweep.py run benchmarks/grids/regularizer_select.toml   # both cores, resumable
+    python benchmarks/sweep.py run GRID_A GRID_B --workers 2   # several grids from one queue, in order
     python benchmarks/sweep.py status benchmarks/grids/regularizer_select.toml
     python benchmarks/sweep.py report benchmarks/grids/regularizer_select.toml --reference none
 
@@ -120,29 +121,40 @@ def _resolve(text: str) -> Path:
 
 def run_grid(grid: Grid, workers: int = 2, *, echo: bool = True) -> list[dict[str, Any]]:
     """Run every run of ``grid`` not yet in its results file; returns the new records."""
-    done = grid.done()
-    todo = [run for run in grid.runs if run.key not in done]
-    if echo:
-        print(f"{grid.name}: {len(grid.runs)} runs, {len(done)} done, {len(todo)} to run "
-              f"({workers} at a time)", flush=True)
-    grid.results.parent.mkdir(parents=True, exist_ok=True)
+    return run_grids([grid], workers, echo=echo)
+
+
+def run_grids(grids: list[Grid], workers: int = 2, *, echo: bool = True) -> list[dict[str, Any]]:
+    """Run every run of ``grids`` not yet in its grid's results file, in order, from one queue:
+    ``workers`` processes stay busy across the grids (a slow grid's last run does not leave a core
+    idle while the next grid waits). Returns the new records."""
+    todo: list[tuple[Grid, Run]] = []
+    for grid in grids:
+        done = grid.done()
+        pending = [run for run in grid.runs if run.key not in done]
+        todo += [(grid, run) for run in pending]
+        if echo:
+            print(f"{grid.name}: {len(grid.runs)} runs, {len(done)} done, {len(pending)} to run "
+                  f"({workers} at a time)", flush=True)
+        grid.results.parent.mkdir(parents=True, exist_ok=True)
+        if grid.results.exists() and grid.results.stat().st_size:
+            with grid.results.open("rb+") as fh:  # never append onto a line a killed writer cut off
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
     new: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
-    if grid.results.exists() and grid.results.stat().st_size:
-        with grid.results.open("rb+") as fh:  # never append onto a line a killed writer cut off
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
     queue, running = list(todo), {}
     while queue or running:
         while queue and len(running) < workers:  # one process per run: a crash costs one run only
-            run = queue.pop(0)
-            running[run.key] = _start(run, grid.runs_dir / run.key)
+            grid, run = queue.pop(0)
+            running[(grid.name, run.key)] = (grid, _start(run, grid.runs_dir / run.key))
         time.sleep(0.2)
-        for key, (process, record_path, log_path) in list(running.items()):
+        for slot, (grid, (process, record_path, log_path)) in list(running.items()):
             if process.poll() is None:
                 continue
-            del running[key]
+            del running[slot]
+            key = f"{grid.name}: {slot[1]}" if len(grids) > 1 else slot[1]
             if process.returncode != 0 or not record_path.exists():
                 lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.exists() else []
                 tail = lines[-1:]
@@ -318,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "status", "report"):
         p = sub.add_parser(name)
-        p.add_argument("grid")
+        if name == "run":
+            p.add_argument("grid", nargs="+", help="grid files, run in order from one queue")
+        else:
+            p.add_argument("grid")
         p.add_argument("--seeds", default=None, help="comma-separated seeds replacing the grid's")
         if name == "run":
             p.add_argument("--workers", type=int, default=2)
@@ -327,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="cell to pair against (repeatable)")
     args = parser.parse_args(argv)
     seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
-    grid = load_grid(args.grid, seeds)
     if args.command == "run":
-        run_grid(grid, args.workers)
-    elif args.command == "status":
+        run_grids([load_grid(path, seeds) for path in args.grid], args.workers)
+        return 0
+    grid = load_grid(args.grid, seeds)
+    if args.command == "status":
         done = grid.done()
         missing = [r.key for r in grid.runs if r.key not in done]
         print(f"{grid.name}: {len(grid.runs) - len(missing)}/{len(grid.runs)} done")

@@ -153,3 +153,19 @@ def test_options_of_a_regularizer_a_run_does_not_have_do_not_restart_it():
     assert sweep.same_run(transition, TrainConfig(reg_kind="transition", reg_weight=1.0))
     ess = TrainConfig(reg_weight=0.1, reg_max_operators="all")
     assert not sweep.same_run(ess, TrainConfig(reg_weight=0.1))
+
+
+def test_several_grids_run_from_one_queue_into_their_own_results(tmp_path):
+    paths = []
+    for name in ("first", "second"):
+        text = GRID.format(results=tmp_path / f"{name}.jsonl", runs=tmp_path / f"runs_{name}")
+        text = text.split("[cells.floor]")[0].replace('name = "smoke"', f'name = "{name}"')
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        paths.append(path)
+    done = _sweep("run", *map(str, paths), "--seeds", "0", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    for name in ("first", "second"):
+        keys = [json.loads(line)["key"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert keys == ["gla/none/seed0"], name
+        assert f"{name}: 1 runs, 0 done, 1 to run" in done.stdout

@@ -177,7 +177,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
                             "(penalise only a utilization below U)")
     train.add_argument("--reg-kind", default=defaults.reg_kind,
                        choices=["entropy", "soft_tolerance", "transition"],
-                       help="ESS regularizer kind, or the paper's ||A - I||_F transition penalty")
+                       help="ESS regularizer kind (soft_tolerance: the smooth count of singular values, "
+                            "the variant that lifted a collapsed model in docs/regularization.md), or the "
+                            "paper's ||A - I||_F transition penalty (better for states of about 4 per head)")
     train.add_argument("--reg-splits", type=_reg_splits, default=defaults.reg_splits,
                        help="random splits per step for the ESS regularizer ('all': every split; "
                             "'boundary': MQAR's context/query split)")

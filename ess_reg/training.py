@@ -52,7 +52,7 @@ class TrainConfig:
     out: str = "runs/default"
     reg_weight: float = 0.0
     reg_target: str = "max"
-    reg_kind: str = "entropy"
+    reg_kind: str = "soft_tolerance"  # the ESS variant that lifted a collapsed model (docs/regularizer.md)
     reg_splits: int | str | None = 8  # a count, None (all) or "boundary" (MQAR's context/query split)
     reg_schedule: str = "constant"  # or linear_decay / cosine_decay over the run's steps
     reg_transition_weight: float = 0.0  # adds the paper's ||A - I||_F penalty to an ESS regularizer

@@ -169,3 +169,24 @@ def test_several_grids_run_from_one_queue_into_their_own_results(tmp_path):
         keys = [json.loads(line)["key"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
         assert keys == ["gla/none/seed0"], name
         assert f"{name}: 1 runs, 0 done, 1 to run" in done.stdout
+
+
+def test_gate_statistics_of_a_trained_run(tmp_path):
+    import math
+
+    from ess_reg.training import TrainConfig, train
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gate_statistics import gate_statistics
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    config = TrainConfig(task="mqar", seq_len=16, kv_pairs=2, vocab_size=32, d_model=16, layers=2,
+                         steps=2, batch_size=4, log_every=2, train_examples=16, test_examples=8,
+                         ess_examples=4, ess_splits=4, mixer="gla", out=str(tmp_path / "run"))
+    train(config, progress=False)
+    stats = gate_statistics(str(tmp_path / "run"), examples=4)
+    assert list(stats) == ["blocks.0.mixer", "blocks.1.mixer"]
+    for layer in stats.values():
+        assert 0 < layer["mean_decay"] <= 1 and 0 <= layer["share_above_0_9"] <= 1
+        assert all(math.isfinite(v) for v in layer.values())

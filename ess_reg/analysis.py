@@ -130,7 +130,9 @@ def format_reports(reports: list[LayerReport]) -> str:
          f"{r.utilization:.3f}", r.verdict, "-" if r.ess_per_kv is None else f"{r.ess_per_kv:.2f}")
         for r in reports
     ]
-    verdicts = "\n".join(f"  {r.name}: {r.state_verdict}" for r in reports)
+    verdicts = "\n".join(f"  {r.name}: {r.state_verdict}" + (
+        "; collapsed: if the task fails, reopen its memory (docs/regularizer.md, 'Which regularizer "
+        "when')" if r.verdict == "collapsed" else "") for r in reports)
     no_kv = all(r.ess_per_kv is None for r in reports)
     legend = [
         "TSS/ch        theoretical state size per channel (head); '-': no finite state (attention "

@@ -58,6 +58,8 @@ def test_needed_state_column_and_verdicts():
     verdicts = {u: LayerReport(tss=8, needed_state=4, **{**base, "utilization": u}).verdict
                 for u in (0.05, 0.5, 0.95)}
     assert verdicts == {0.05: "collapsed", 0.5: "healthy", 0.95: "saturated"}  # as diagnose()
+    collapsed = LayerReport(tss=16, needed_state=2, **{**base, "utilization": 0.05})
+    assert "reopen its memory" in format_reports([collapsed]).split("state size per layer:")[1]
     attention = LayerReport(tss=None, needed_state=None, **{**base, "utilization": 0.95})
     assert attention.verdict == "full rank"  # no state to grow
     legend = text.split("\n\n")[1].splitlines()  # one line per column after the first two

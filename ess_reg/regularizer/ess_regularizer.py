@@ -480,7 +480,8 @@ class ESSRegularizer:
         operators or a grad scaler."""
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("operators", "generator", "_grad_scaler", "_split_cache", "_pending", "_calls",
-                              "_step_terms", "_last_penalty", "_micro_sum", "_not_causal", "_backwarded")}
+                              "_step_terms", "_last_penalty", "_micro_sum", "_not_causal", "_backwarded",
+                              "_forward_tokens")}
         _require_picklable(self)
         state["generator_state"] = self.generator.get_state()
         return state
@@ -492,7 +493,7 @@ class ESSRegularizer:
         self.generator.set_state(generator_state)
         self.operators, self._grad_scaler, self._split_cache = {}, None, {}
         self._pending, self._calls, self._step_terms, self._last_penalty = {}, {}, [], None
-        self._backwarded = set()
+        self._backwarded, self._forward_tokens = set(), set()
         self._micro_sum, self._not_causal = None, {}
 
     def __repr__(self) -> str:

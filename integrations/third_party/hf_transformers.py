@@ -38,6 +38,11 @@ def _hidden_states(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _masked(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``states [B, L, d]`` with padded positions (``mask [B, L]`` zero) set to zero."""
+    return states if mask is None else states * mask[:, :, None].to(states.dtype)
+
+
 def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization | Capture:
     """Mamba-1 ``MambaMixer``: per inner channel ``d``,
     ``T_d[i, j] = sum_n C_{i,n} exp(A_{d,n} sum dt) dt_{j,d} B_{j,n}`` (the ``D`` skip and the
@@ -51,8 +56,7 @@ def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRea
                                   module.ssm_state_size)
     if not checking():
         return operator
-    masked = hidden if mask is None else hidden * mask[:, :, None].to(hidden.dtype)
-    gate = module.in_proj(masked).transpose(1, 2).chunk(2, dim=1)[1]  # [B, D, L]
+    gate = module.in_proj(_masked(hidden, mask)).transpose(1, 2).chunk(2, dim=1)[1]  # [B, D, L]
 
     def readout(mixed: torch.Tensor) -> torch.Tensor:  # T u [B, D, L, 1] -> the mixer's output
         scan = (mixed + module.D[None, :, None, None] * inner)[..., 0] * F.silu(gate)
@@ -63,18 +67,11 @@ def mamba_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRea
 
 def mamba_inner_input(module: nn.Module, hidden: torch.Tensor, mask=None) -> torch.Tensor:
     """``u`` (after conv and activation) for a ``MambaMixer`` input: ``[B, D, L, 1]``."""
-    if mask is not None:
-        hidden = hidden * mask[:, :, None].to(hidden.dtype)
-    x, _ = module.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+    x, _ = module.in_proj(_masked(hidden, mask)).transpose(1, 2).chunk(2, dim=1)
     u = module.act(depthwise_causal_conv(x, module.conv1d))
     if mask is not None:
         u = u * mask[:, None, :].to(u.dtype)
     return u[..., None]
-
-
-def _masked(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``states [B, L, d]`` with padded positions (``mask [B, L]`` zero) set to zero."""
-    return states if mask is None else states * mask[:, :, None].to(states.dtype)
 
 
 def mamba2_mixer_operator(module: nn.Module, args, kwargs, output) -> DiagonalRealization | Capture:
@@ -163,12 +160,10 @@ def _padded_queries(mask: torch.Tensor | None, length: int) -> torch.Tensor | No
         return None
     diagonal = mask.diagonal(dim1=-2, dim2=-1)  # [B, 1|H, L]
     if diagonal.dtype == torch.bool:
-        padded = ~diagonal
-    elif diagonal.is_floating_point():
-        padded = diagonal < torch.finfo(diagonal.dtype).min / 2  # additive: min value or -inf
-    else:
-        return None
-    return padded
+        return ~diagonal
+    if diagonal.is_floating_point():
+        return diagonal < torch.finfo(diagonal.dtype).min / 2  # additive: min value or -inf
+    return None
 
 
 #: child names of an attention module's output projection and of its value projection

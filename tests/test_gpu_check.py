@@ -55,3 +55,25 @@ def test_sync_warnings_are_told_apart_by_source_line(gpu_check, tmp_path):
 
     ours, linalg = gpu_check.sync_sources([warning(1), warning(2), warning(2), warning(2, "other")])
     assert ours == {"code.py:2": 2} and linalg == {"code.py:1": 1}
+
+
+def test_penalty_time_differentiates_the_penalty_alone():
+    """The operators are rebuilt over detached leaves, so timing the penalty's backward never runs
+    the model's backward between an earlier layer's operator and a later one's."""
+    import sys
+
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        from regularizer_cases import _detach_pending, build
+    finally:
+        sys.path.remove(str(_PATH.parent))
+    from ess_reg import ESSRegularizer
+
+    case = build("gla", small=True)
+    reg = ESSRegularizer(case.model)
+    case.loss(case.model, case.inputs)
+    leaves = _detach_pending(reg)
+    assert leaves and all(leaf.is_leaf and leaf.requires_grad for leaf in leaves)
+    grads = torch.autograd.grad(reg(), leaves, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    reg.remove()

@@ -428,6 +428,11 @@ def _check_finite_everywhere(case: Case, dtype: torch.dtype):
 @example(case=_CORNERS[1])
 @example(case=_CORNERS[2])
 @example(case=_CORNERS[3])
+# c peaks 1e214 at one step, b 1e86 at another that no block pairs with it: the normalized factors'
+# product is ~1e-86 and rescaling it afterwards overflowed the dense route's gradient
+@example(case=Case(length=8, modes=2, channels=1, complex_=False, decay="diagonal", seed=0,
+                   resets=(None,) * 8, c_exp=(0, 0, 0, 0, 0, 223, 0, 0), b_exp=(0, 0, 0, 0, 0, 0, 0, 86),
+                   channel_exp=(-9,)))
 def test_property_finite_values_and_gradients(case, dtype):
     _check_finite_everywhere(case, dtype)
 

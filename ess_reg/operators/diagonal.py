@@ -167,14 +167,27 @@ class DiagonalRealization(Operator):
 
     def _scaled_materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``T`` in float64 with ``c`` and ``b`` scaled by powers of two per channel, and the
-        ``[..., C]`` exponent of the scale it lacks."""
-        from ess_reg.functional._scaling import floor_log_decay, normalize_channels
+        ``[..., C]`` exponent of the scale it lacks.
+
+        The product's own scale (``T`` of the normalized factors may lie far below 1 when the
+        peaks of ``c`` and ``b`` sit at positions no block pairs) is measured on a probe without
+        gradients and folded into the factors, half into each, so ``T`` comes out with a largest
+        entry near 1: scaling ``T`` afterwards would multiply its gradient, which is already as
+        large as ``1 / ||block||`` for a block far below the channel's peak, by that scale too.
+        """
+        from ess_reg.functional._scaling import floor_log_decay, normalize_channels, power_of_two_exponent
 
         c, b, log_decay = self.factors(torch.float64)
         log_decay = floor_log_decay(log_decay)
         c, exponent_c = normalize_channels(c, (-2, -1))
         b, exponent_b = normalize_channels(b, (-2, -1))
-        return materialize(c, b, log_decay), exponent_c + exponent_b
+        with torch.no_grad():
+            probe = materialize(c, b, log_decay)
+            extra = power_of_two_exponent(probe.abs().amax(dim=(-2, -1)))  # [..., C]
+        half = torch.floor(extra / 2)
+        c = c * torch.exp2(-half)[..., None, None].to(c.real.dtype)
+        b = b * torch.exp2(half - extra)[..., None, None].to(b.real.dtype)
+        return materialize(c, b, log_decay), exponent_c + exponent_b + extra
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(c, b, log_decay)`` cast to the real ``dtype`` (complex counterpart if complex)."""

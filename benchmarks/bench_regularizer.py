@@ -10,6 +10,10 @@ in loss-term mode) keeps for the backward, counted exactly through
 
     python benchmarks/bench_regularizer.py                 # gla, attention, mamba
     python benchmarks/bench_regularizer.py --cases gla --threads 1
+    python benchmarks/bench_regularizer.py --cases gla --operators 8,16,32,64,128   # cost per operator
+
+``--operators`` prints the penalty's own time at each ``max_operators`` count instead: the part
+that stays as the count falls is the penalty's fixed cost per layer (its many small operations).
 """
 
 from __future__ import annotations
@@ -74,18 +78,44 @@ def measure(name: str, rounds: int, penalty_only: bool = False) -> list[str]:
     return lines
 
 
+def operator_scaling(name: str, counts: list[int], rounds: int) -> list[str]:
+    """The penalty's own time at each ``max_operators`` count (interleaved, best round kept)."""
+    case = build(name, torch.device("cpu"))
+    best = {count: float("inf") for count in counts}
+    for _ in range(rounds):
+        for count in counts:
+            best[count] = min(best[count], penalty_time(case, rounds=1, max_operators=count))
+    lines = [f"## {name}: {case.description}", "| operators a layer | penalty alone | per operator |",
+             "|---|---|---|"]
+    lines += [f"| {count} | {best[count] * 1e3:.1f} ms | {best[count] / count * 1e3:.2f} ms |"
+              for count in counts]
+    if len(counts) > 1:
+        low, high = min(counts), max(counts)
+        slope = (best[high] - best[low]) / (high - low)
+        fixed = best[low] - slope * low
+        lines.append(f"fit: {fixed * 1e3:.1f} ms fixed + {slope * 1e3:.3f} ms per operator a layer "
+                     "(all layers together)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best kept)")
     parser.add_argument("--penalty-only", action="store_true", help="only the penalty's own time")
+    parser.add_argument("--operators", default=None,
+                        help="comma-separated max_operators counts: the penalty's time at each")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.cases.split(","):
-        print("\n".join(measure(name, args.rounds, args.penalty_only)), flush=True)
+        if args.operators:
+            counts = [int(c) for c in args.operators.split(",")]
+            print("\n".join(operator_scaling(name, counts, args.rounds)), flush=True)
+        else:
+            print("\n".join(measure(name, args.rounds, args.penalty_only)), flush=True)
 
 
 if __name__ == "__main__":

@@ -145,11 +145,16 @@ def _blocks_gradient(matrix: torch.Tensor, ordered: list[int], weight: torch.Ten
         w = _fit(weight[channels, members.start:members.stop], min(blocks.shape[-2:]))
         if certified is None or matrix.device.type != "cpu":  # accelerators: no host reads
             grad = _svd_gradient(blocks, w)
-        else:
-            grad = _gram_gradient(blocks, w)
-            redo = (~certified[channels, members.start:members.stop]).any(dim=1).nonzero().flatten()
-            if redo.numel():
-                grad[redo] = _svd_gradient(blocks[redo], w[redo])
+        else:  # each block by its own certificate
+            easy = certified[channels, members.start:members.stop]  # [m, g]
+            if bool(easy.all()):
+                grad = _gram_gradient(blocks, w)
+            elif not bool(easy.any()):
+                grad = _svd_gradient(blocks, w)
+            else:
+                grad = torch.empty_like(blocks)
+                grad[easy] = _gram_gradient(blocks[easy], w[easy])
+                grad[~easy] = _svd_gradient(blocks[~easy], w[~easy])
         return (grad * _block_mask(group, length, matrix.device)).sum(dim=1)
 
     grad = torch.zeros_like(matrix)

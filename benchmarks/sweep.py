@@ -302,6 +302,46 @@ def summarize(records: list[dict[str, Any]], references: list[str]) -> str:
     return "\n".join(lines)
 
 
+def plot_report(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """One panel per setting: test accuracy against utilization, every run as a small point and
+    each cell's mean ± sd (both axes) as a large one, coloured by cell; written as PNG."""
+    from matplotlib.figure import Figure
+
+    settings = sorted({r["setting"] for r in records})
+    figure = Figure(figsize=(5.5 * len(settings), 4.2), layout="constrained")
+    axes = figure.subplots(1, len(settings), squeeze=False)[0]
+    for ax, setting in zip(axes, settings, strict=True):
+        rows = [r for r in records if r["setting"] == setting]
+        for k, cell in enumerate(dict.fromkeys(r["cell"] for r in rows)):
+            mine = [r for r in rows if r["cell"] == cell]
+            util = [r["utilization"] for r in mine]
+            acc = [r["test_accuracy"] for r in mine]
+            colour = f"C{k % 10}"
+            ax.scatter(util, acc, s=14, alpha=0.45, color=colour)
+            ax.errorbar(_mean(util), _mean(acc), xerr=_sd(util), yerr=_sd(acc), fmt="o", ms=7, capsize=3,
+                        color=colour, label=f"{cell} (n={len(mine)})")
+        ax.set(xlabel="utilization (ESS / TSS, mean over layers)", ylabel="test accuracy", title=setting)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _sd(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def _mean_sd(values: list[float], signed: bool = False) -> str:
     if not values:
         return "-"
@@ -340,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "report":
             p.add_argument("--reference", action="append", default=[],
                            help="cell to pair against (repeatable)")
+            p.add_argument("--figure", default=None,
+                           help="also save accuracy against utilization per run and cell here (PNG)")
     args = parser.parse_args(argv)
     seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
     if args.command == "run":
@@ -360,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--reference {', '.join(unknown)}: not a cell of the grid ({sorted(cells)})")
         print(summarize(records, args.reference))
+        if args.figure and records:
+            print(f"figure: {plot_report(records, args.figure, title=grid.name)}")
     return 0
 
 

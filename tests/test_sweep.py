@@ -71,10 +71,12 @@ def test_two_cell_grid_runs_resumes_and_reports(tmp_path):
     assert len(keys) == len(set(keys)) == 4
     status = _sweep("status", str(grid))
     assert "4/4 done" in status.stdout
-    report = _sweep("report", str(grid), "--reference", "none")
+    figure = tmp_path / "figures" / "report.png"
+    report = _sweep("report", str(grid), "--reference", "none", "--figure", str(figure))
     assert report.returncode == 0, report.stderr
     assert "| floor |" in report.stdout and "paired diff vs none" in report.stdout
     assert "/2 |" in report.stdout  # wins out of two paired seeds
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):

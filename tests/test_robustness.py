@@ -9,6 +9,7 @@ representable in float64.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import NamedTuple
 
@@ -592,3 +593,33 @@ def test_complex_reset_at_the_underflow_edge_next_to_a_zero_row(dtype, reset):
     for method in METHODS:
         curve, grads = _evaluate((c, b, ld), method, dtype=dtype)
         _assert_finite(curve, grads)
+
+
+@pytest.mark.parametrize("decay", ["scalar", "diagonal"])
+@pytest.mark.parametrize("layout", ["one entry", "two entries"])
+def test_dense_materialization_of_a_product_far_below_its_factors_is_exact(decay, layout):
+    """c and b pair only through a decay of about 2^-1021: folding that scale into the factors
+    must not overflow the modes' sum (inf in T, or NaN above the diagonal)."""
+    length, modes = 8, 4
+    c = torch.zeros(1, length, modes, dtype=torch.float64)
+    b = torch.zeros(1, length, modes, dtype=torch.float64)
+    total = -(1021.5 * math.log(2.0) + math.log(9.0))
+    ld = torch.zeros(1, length, 1 if decay == "scalar" else modes, dtype=torch.float64)
+    if layout == "one entry":  # only T[L-1, 0] is non-zero
+        c[0, length - 1], b[0, 0] = 1.5, 1.5
+        ld[0, 1:] = total / (length - 1)
+        pairs = [(length - 1, 0)]
+    else:  # T[L-1, 1] and T[L-1, L-2]; c[0] meets b[1] and b[L-2] only above the diagonal
+        c[0, 0] = c[0, length - 1] = 1.5
+        b[0, 1] = b[0, length - 2] = 1.5
+        ld[0, length - 1] = total
+        pairs = [(length - 1, 1), (length - 1, length - 2)]
+    matrix = DiagonalRealization(c, b, ld).dense()
+    assert torch.isfinite(matrix).all() and (matrix.triu(1) == 0).all()
+    for i, j in pairs:
+        assert float(matrix[0, i, j]) == pytest.approx(modes * 2.25 * math.exp(total), rel=1e-12)
+    assert int((matrix != 0).sum()) == len(pairs)
+    leaves = [t.clone().requires_grad_() for t in (c, b, ld)]
+    curve = ess_curve(DiagonalRealization(*leaves), method="dense", splits=[1, 4, 7])
+    curve.sum().backward()
+    assert torch.isfinite(curve).all() and all(torch.isfinite(t.grad).all() for t in leaves)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -184,6 +185,9 @@ class DiagonalRealization(Operator):
         with torch.no_grad():
             probe = materialize(c, b, log_decay)
             extra = power_of_two_exponent(probe.abs().amax(dim=(-2, -1)))  # [..., C]
+            # the modes' sum before the decay reaches about 4 N 2^-extra: never let it overflow (what
+            # is left of the scale is taken out afterwards by scaled_dense, as before)
+            extra = extra.clamp_min(-(1000.0 - math.ceil(math.log2(max(2, c.shape[-1])))))
         half = torch.floor(extra / 2)
         c = c * torch.exp2(-half)[..., None, None].to(c.real.dtype)
         b = b * torch.exp2(half - extra)[..., None, None].to(b.real.dtype)

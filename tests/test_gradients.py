@@ -112,3 +112,17 @@ def test_half_precision_gradients_flow_back():
 def test_tolerance_kind_carries_no_graph():
     leaves = _leaves(*random_realization(1, 8, 2))
     assert not ess_curve(DiagonalRealization(*leaves), "tolerance").requires_grad
+
+
+def test_an_exactly_zero_entry_of_a_dense_operator_gets_its_derivative():
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.randn(1, 24, 24, generator=g, dtype=torch.float64).tril()
+    matrix[0, 15, 0] = 0.0
+    leaf = matrix.clone().requires_grad_()
+    ess_curve(DenseOperator(leaf), splits=[8, 12]).sum().backward()
+    step, plus, minus = 1e-6, matrix.clone(), matrix.clone()
+    plus[0, 15, 0], minus[0, 15, 0] = step, -step
+    difference = (ess_curve(DenseOperator(plus), splits=[8, 12]).sum()
+                  - ess_curve(DenseOperator(minus), splits=[8, 12]).sum()) / (2 * step)
+    assert float(leaf.grad[0, 15, 0]) == pytest.approx(float(difference), rel=1e-6)
+    assert float(leaf.grad[0, 15, 0]) != 0.0

@@ -79,10 +79,16 @@ def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
 
 
 def flush_below(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``x`` with real and imaginary parts of magnitude below ``threshold`` set to exactly zero."""
+    """``x`` with real and imaginary parts of magnitude below ``threshold`` set to exactly zero.
+
+    The derivative passes unchanged (an entry that is zero, or flushed to zero, still moves the
+    result when it grows)."""
     if x.is_complex():
         return torch.complex(flush_below(x.real, threshold), flush_below(x.imag, threshold))
-    return torch.where(x.abs() < threshold, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    small = x.abs() < threshold
+    if x.requires_grad:  # x - x is exactly zero where selected, with derivative 1
+        return torch.where(small, x - x.detach(), x)
+    return torch.where(small, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
 def clean_values(

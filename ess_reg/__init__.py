@@ -3,7 +3,7 @@
 from ess_reg.capture import Capture, capture_operators, register_extractor, register_extractor_rule
 from ess_reg.capture_check import check_capture
 from ess_reg.diagnostics import diagnose
-from ess_reg.distill import distillation_loss
+from ess_reg.distill import distill_student, distillation_loss
 from ess_reg.functional import (
     average_ess,
     ess_curve,
@@ -49,6 +49,7 @@ __all__ = [
     "capture_operators",
     "check_capture",
     "diagnose",
+    "distill_student",
     "distillation_loss",
     "ess_curve",
     "ess_init",

@@ -1,13 +1,17 @@
-"""Knowledge distillation on logits: the loss a student minimises to copy its teacher."""
+"""Knowledge distillation on logits: the loss a student minimises to copy its teacher, and a small
+loop that trains a student on it."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["distillation_loss"]
+__all__ = ["distill_student", "distillation_loss"]
 
 
 def distillation_loss(
@@ -65,3 +69,89 @@ def distillation_loss(
     terms = torch.where(probability > 0, probability * (teacher - student), 0)  # 0 log 0 = 0
     loss = terms.sum() / scored.sum().clamp_min(1).to(dtype)
     return loss * temperature ** 2
+
+
+def distill_student(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    temperature: float = 2.0,
+    weight: float = 1.0,
+    ignore_index: int = -100,
+    max_grad_norm: float | None = 1.0,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Train ``student`` to copy ``teacher``: one optimizer step per batch of ``batches``.
+
+    Each batch is ``inputs`` or ``(inputs, targets)`` (``[B, L]`` token ids and labels, on the
+    student's device; ``targets`` with ``ignore_index`` at unscored positions). The teacher runs
+    frozen in eval mode without gradients; the loss is ``weight * distillation_loss(...)`` plus
+    ``(1 - weight)`` times the cross-entropy on ``targets`` when ``weight < 1``, plus ``penalty()``
+    when given (e.g. an :class:`ess_reg.ESSRegularizer` in loss-term mode, to keep the student's
+    memory small). Models may return logits ``[B, L, V]`` or an output with ``.logits`` (transformers).
+
+    Returns ``[steps]`` the loss of each step, detached and left on the device (no host
+    synchronisation inside the loop).
+    """
+    if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+        raise TypeError("student and teacher must be torch.nn.Module instances")
+    if student is teacher:
+        raise ValueError("student and teacher must be different modules (copy the teacher first)")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise ValueError(f"weight must be a number in [0, 1] (the distillation term's share), got {weight!r}")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be None or a number > 0, got {max_grad_norm!r}")
+    was_training = teacher.training
+    teacher.eval()
+    student.train()
+    losses: list[torch.Tensor] = []
+    try:
+        for index, batch in enumerate(batches):
+            inputs, targets = _unpack(batch, index)
+            if weight < 1 and targets is None:
+                raise ValueError(f"batch {index} has no targets, which weight={weight} < 1 needs "
+                                 "(its cross-entropy term); yield (inputs, targets)")
+            with torch.no_grad():
+                teacher_logits = _logits(teacher(inputs))
+            logits = _logits(student(inputs))
+            loss = weight * distillation_loss(logits, teacher_logits, targets, temperature=temperature,
+                                              ignore_index=ignore_index)
+            if weight < 1:
+                task = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten().to(logits.device),
+                                       ignore_index=ignore_index)
+                loss = loss + (1 - weight) * task
+            if penalty is not None:
+                loss = loss + penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+            optimizer.step()
+            losses.append(loss.detach())
+    finally:
+        teacher.train(was_training)
+    if not losses:
+        return torch.zeros(0)
+    return torch.stack(losses)
+
+
+def _unpack(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+    if pair and all(isinstance(t, torch.Tensor) for t in batch):
+        return batch[0], batch[1]
+    raise TypeError(f"batch {index} must be an inputs tensor or an (inputs, targets) pair of tensors, "
+                    f"got {type(batch).__name__}")
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the model returned {type(output).__name__}; distill_student needs logits [B, L, V] "
+                        "or an output with .logits")
+    return logits

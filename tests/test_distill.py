@@ -197,3 +197,106 @@ def test_cli_trains_a_student(tmp_path, teacher_run, capsys):
     assert main(args) == 0
     saved = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert saved["teacher"] == str(teacher_run) and saved["distill_temperature"] == 3.0
+
+
+# -- distill_student: the reusable loop ------------------------------------------------------------
+def _models(seed=0):
+    from ess_reg.models import SequenceModel
+
+    torch.manual_seed(seed)
+    teacher = SequenceModel("gla", 16, 1, 32)
+    student = SequenceModel("gla", 16, 1, 32, expand_k=0.25)
+    return teacher, student
+
+
+def _batches(count, seed=0):
+    from ess_reg.tasks import MQAR
+
+    task = MQAR(8 * count, 16, 2, 32, seed=seed)
+    return [(task.inputs[k * 8:(k + 1) * 8], task.targets[k * 8:(k + 1) * 8]) for k in range(count)]
+
+
+def test_distill_student_lowers_the_divergence_and_leaves_the_teacher_alone():
+    from ess_reg import distill_student
+
+    teacher, student = _models()
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    test_inputs, test_targets = _batches(1, seed=9)[0]
+
+    def divergence():
+        with torch.no_grad():
+            return float(distillation_loss(student.eval()(test_inputs), teacher.eval()(test_inputs),
+                                           test_targets))
+
+    start = divergence()
+    teacher.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    losses = distill_student(student, teacher, _batches(30) * 2, optimizer)
+    assert teacher.training  # its mode is restored
+    assert losses.shape == (60,) and not losses.requires_grad and torch.isfinite(losses).all()
+    assert divergence() < 0.7 * start
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_distill_student_mixes_the_task_loss_and_a_penalty():
+    from ess_reg import ESSRegularizer, distill_student
+
+    teacher, student = _models()
+    reg = ESSRegularizer(student, weight=0.1, target="min")
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)  # the loss only, nothing moves
+    batches = _batches(2)
+    mixed = distill_student(student, teacher, batches, optimizer, weight=0.5, penalty=reg)
+    inputs, targets = batches[0]
+    with torch.no_grad():
+        logits = student(inputs)
+        task = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        expected = 0.5 * distillation_loss(logits, teacher.eval()(inputs), targets) + 0.5 * task
+    reg.remove()
+    assert float(mixed[0]) > float(expected)  # plus the (positive) penalty
+    plain = distill_student(student, teacher, batches, optimizer, weight=0.5)
+    torch.testing.assert_close(plain[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_distill_student_takes_outputs_with_logits_and_bare_inputs():
+    from types import SimpleNamespace
+
+    from ess_reg import distill_student
+
+    teacher, student = _models()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return SimpleNamespace(logits=self.inner(ids))
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    inputs = [inputs for inputs, _ in _batches(3)]
+    losses = distill_student(Wrapped(student), Wrapped(teacher), inputs, optimizer)
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
+    assert distill_student(student, teacher, [], optimizer).shape == (0,)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"weight": 1.5}, "weight must be a number in"),
+    ({"max_grad_norm": 0}, "max_grad_norm"),
+    ({"batches": [object()]}, "batch 0 must be"),
+    ({"batches": [torch.zeros(2, 16, dtype=torch.long)], "weight": 0.5}, "has no targets"),
+    ({"optimizer": "adam"}, "optimizer must be"),
+    ({"teacher": "student"}, "different modules"),
+])
+def test_distill_student_names_bad_arguments(kwargs, message):
+    from ess_reg import distill_student
+
+    teacher, student = _models()
+    arguments = {"student": student, "teacher": teacher, "batches": _batches(1),
+                 "optimizer": torch.optim.SGD(student.parameters(), lr=0.1)}
+    if kwargs.get("teacher") == "student":
+        kwargs = {"teacher": student}
+    arguments.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        distill_student(**arguments)

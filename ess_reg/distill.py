@@ -86,7 +86,9 @@ def distill_student(
     """Train ``student`` to copy ``teacher``: one optimizer step per batch of ``batches``.
 
     Each batch is ``inputs`` or ``(inputs, targets)`` (``[B, L]`` token ids and labels, on the
-    student's device; ``targets`` with ``ignore_index`` at unscored positions). The teacher runs
+    student's device; ``targets[b, t]`` is the label of ``logits[b, t]``, ``ignore_index`` at unscored
+    positions: shift a causal LM's labels first, and turn dict batches into pairs, e.g.
+    ``((b["input_ids"], b["labels"]) for b in loader)``). The teacher runs
     frozen in eval mode without gradients; the loss is ``weight * distillation_loss(...)`` plus
     ``(1 - weight)`` times the cross-entropy on ``targets`` when ``weight < 1``, plus ``penalty()``
     when given (e.g. an :class:`ess_reg.ESSRegularizer` in loss-term mode, to keep the student's
@@ -146,7 +148,8 @@ def _unpack(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if pair and all(isinstance(t, torch.Tensor) for t in batch):
         return batch[0], batch[1]
     raise TypeError(f"batch {index} must be an inputs tensor or an (inputs, targets) pair of tensors, "
-                    f"got {type(batch).__name__}")
+                    f"got {type(batch).__name__} (for dict batches pass ((b['input_ids'], b['labels']) "
+                    "for b in loader) with labels aligned to the logits)")
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ When gradients are needed the values come from the same route (its QR step is ne
 differentiated: that derivative divides by ``R``'s diagonal, zero for rank-deficient blocks);
 only ``T`` is kept for the backward, which recomputes each group's padded blocks ``T[i:, :i]``
 and adds ``U diag(grad) V^H``, one group at a time, so memory stays ``O(budget)`` at any length
-and number of splits. On the CPU, a block whose kept values all lie within 1e-3 of its largest
+and number of splits. On the CPU, a block whose kept values are all at least 1e-3 times its largest
 (certified in the forward, as for the values) gets that term from a float64 ``eigh`` of its
 shorter side's Gram matrix, ``B V diag(grad / s) V^H``, about half the work of an SVD with both
 sets of vectors, which the other blocks get. Values below resolution are zero and take no part in
@@ -126,8 +126,9 @@ def _blocks_gradient(matrix: torch.Tensor, ordered: list[int], weight: torch.Ten
                      element_budget: int, certified: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_i`` of ``U_i diag(weight_i) V_i^H`` placed at ``T[i:, :i]``: ``[M, L, L]``.
 
-    ``certified`` ``[M, S]`` marks the blocks whose kept values lie within ``_GRAM_MIN_RATIO ** 0.5``
-    of their largest: on the CPU their term comes from the Gram matrix's ``eigh`` (see
+    ``certified`` ``[M, S]`` marks the blocks whose kept values are all at least
+    ``_GRAM_MIN_RATIO ** 0.5`` times their largest: on the CPU their term comes from the Gram
+    matrix's ``eigh`` (see
     :func:`_gram_gradient`), the others from an SVD with singular vectors."""
     length, count = matrix.shape[-1], matrix.shape[0]
     tasks: list[tuple[tuple[int, ...], range, slice]] = []
@@ -187,7 +188,7 @@ def _gram_gradient(blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     function of the Gram matrix, ``f(lambda) = w / sqrt(lambda)`` on the kept values, so rounding of
     about ``eps * s_max^2`` in the Gram matrix moves it by about ``eps * (s_max / s_min)^2`` relative
     (near-equal values carry near-equal weights, so mixing inside a cluster cancels): only blocks
-    whose kept values lie within 1e-3 of their largest take this route (``_gram_certified``).
+    whose kept values are all at least 1e-3 times their largest take this route (``_gram_certified``).
     """
     wide = torch.complex128 if blocks.is_complex() else torch.float64
     # each block to a largest entry in [1, 2) (powers of two: exact), so its Gram matrix can neither

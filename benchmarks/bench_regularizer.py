@@ -14,11 +14,17 @@ in loss-term mode) keeps for the backward, counted exactly through
 
 ``--operators`` prints the penalty's own time at each ``max_operators`` count instead: the part
 that stays as the count falls is the penalty's fixed cost per layer (its many small operations).
+``--peak-memory`` prints, per case and mode, how much one training step raises the process's peak
+resident memory (each in a fresh subprocess, measured from just before the first step, so the
+optimizer's state counts alike in every mode).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,6 +104,29 @@ def operator_scaling(name: str, counts: list[int], rounds: int) -> list[str]:
     return lines
 
 
+def step_peak_mib(name: str, mode: str) -> float:
+    """MiB by which one training step of ``mode`` raises this process's peak resident memory."""
+    step = stepper(build(name, torch.device("cpu")), mode)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def peak_memory(name: str) -> list[str]:
+    """The peak-memory lines of one case, each mode in a fresh subprocess."""
+    lines = [f"## {name}: peak resident memory of one step (growth from just before it)"]
+    peaks = {}
+    for mode in ("none", "loss", "attach"):
+        here = str(Path(__file__).resolve().parent)
+        code = (f"import sys; sys.path.insert(0, {here!r}); import json, bench_regularizer as b; "
+                f"print(json.dumps(b.step_peak_mib({name!r}, {mode!r})))")
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        peaks[mode] = json.loads(out.strip().splitlines()[-1])
+        extra = peaks[mode] - peaks["none"]
+        lines.append(f"peak {mode:6s} +{peaks[mode]:8.1f} MiB   (+{extra:.1f} over none)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
@@ -106,12 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalty-only", action="store_true", help="only the penalty's own time")
     parser.add_argument("--operators", default=None,
                         help="comma-separated max_operators counts: the penalty's time at each")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="only each mode's peak memory growth over one step (fresh subprocesses)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.cases.split(","):
-        if args.operators:
+        if args.peak_memory:
+            print("\n".join(peak_memory(name)), flush=True)
+        elif args.operators:
             counts = [int(c) for c in args.operators.split(",")]
             print("\n".join(operator_scaling(name, counts, args.rounds)), flush=True)
         else:

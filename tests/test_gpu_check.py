@@ -77,3 +77,23 @@ def test_penalty_time_differentiates_the_penalty_alone():
     grads = torch.autograd.grad(reg(), leaves, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     reg.remove()
+
+
+def test_bench_regularizer_peak_memory_runs_each_mode_in_a_subprocess(monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        import bench_regularizer
+    finally:
+        sys.path.remove(str(_PATH.parent))
+    assert bench_regularizer.step_peak_mib("gla", "attach") >= 0
+    calls = []
+
+    class Done:
+        stdout = "0.0\n"
+
+    monkeypatch.setattr(bench_regularizer.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    lines = bench_regularizer.peak_memory("attention")
+    assert len(calls) == 3 and all("step_peak_mib('attention'" in cmd[-1] for cmd in calls)
+    assert [line.split()[1] for line in lines[1:]] == ["none", "loss", "attach"]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ess_reg._parallel import parallel_map
-from ess_reg.functional._scaling import LN2, clean_values, power_of_two_exponent
+from ess_reg.functional._scaling import LN2, clean_values, normalize_channels, power_of_two_exponent
 
 #: A group may do at most this factor of the work its splits need unpadded.
 _PADDING_OVERHEAD = 1.35
@@ -128,8 +128,7 @@ def _blocks_gradient(matrix: torch.Tensor, ordered: list[int], weight: torch.Ten
 
     ``certified`` ``[M, S]`` marks the blocks whose kept values are all at least
     ``_GRAM_MIN_RATIO ** 0.5`` times their largest: on the CPU their term comes from the Gram
-    matrix's ``eigh`` (see
-    :func:`_gram_gradient`), the others from an SVD with singular vectors."""
+    matrix's ``eigh`` (see :func:`_gram_gradient`), the others from an SVD with singular vectors."""
     length, count = matrix.shape[-1], matrix.shape[0]
     tasks: list[tuple[tuple[int, ...], range, slice]] = []
     start = 0
@@ -193,9 +192,7 @@ def _gram_gradient(blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     wide = torch.complex128 if blocks.is_complex() else torch.float64
     # each block to a largest entry in [1, 2) (powers of two: exact), so its Gram matrix can neither
     # under- nor overflow; U diag(w) V^H = B V diag(w / s) V^H is invariant under scaling B
-    peak = blocks.abs().amax(dim=(-2, -1), keepdim=True).double()
-    peak = torch.where(peak > 0, peak, torch.ones((), dtype=peak.dtype, device=peak.device))
-    b = blocks.to(wide) * torch.exp2(-torch.floor(torch.log2(peak))).to(wide)
+    b, _ = normalize_channels(blocks.to(wide), (-2, -1))
     tall = b.shape[-1] <= b.shape[-2]
     gram = b.mH @ b if tall else b @ b.mH
     eigenvalues, vectors = torch.linalg.eigh(gram)

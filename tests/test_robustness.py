@@ -623,3 +623,36 @@ def test_dense_materialization_of_a_product_far_below_its_factors_is_exact(decay
     curve = ess_curve(DiagonalRealization(*leaves), method="dense", splits=[1, 4, 7])
     curve.sum().backward()
     assert torch.isfinite(curve).all() and all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("decay", ["diagonal", "scalar", None])
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("shift", [0.0, -3.0, -700.0])
+def test_materialization_without_gradients_equals_the_folded_build(decay, complex_, shift, monkeypatch):
+    """Without gradients the probe is reused when the product lies near 1, and the fold runs when
+    it lies far below (``shift`` moves the decay of the last rows); both give the same numbers as
+    the build that gradients take."""
+    import ess_reg.operators.diagonal as diagonal
+
+    builds = []
+    original = diagonal.materialize
+    monkeypatch.setattr(diagonal, "materialize", lambda *a: builds.append(1) or original(*a))
+    c, b, ld = random_realization(3, 10, 4, decay=decay, complex_=complex_, seed=11)
+    if ld is not None and shift:
+        ld = ld.clone()
+        ld[..., 5, :] = ld[..., 5, :] + shift
+        c, b = c.clone(), b.clone()
+        c[..., :5, :] = 0.0  # c after the strong decay, b before it: every pair crosses it
+        b[..., 5:, :] = 0.0
+    op = DiagonalRealization(c, b, ld)
+    with torch.no_grad():
+        plain, plain_exponent = op.scaled_dense()
+    far_below = ld is not None and shift < -100
+    assert len(builds) == (2 if far_below else 1)
+    leaves = [t.clone().requires_grad_() for t in op.tensors()]
+    folded, folded_exponent = DiagonalRealization(*leaves).scaled_dense()
+    assert folded.requires_grad and not plain.requires_grad
+    torch.testing.assert_close(plain, folded.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(plain_exponent, folded_exponent, rtol=0, atol=0)
+    np.testing.assert_allclose(op.dense().numpy(), reference_matrix(c, b, ld), rtol=1e-10,
+                               atol=1e-12 * float(reference_matrix(c, b, ld).__abs__().max()))

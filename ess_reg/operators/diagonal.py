@@ -18,6 +18,9 @@ from ess_reg.operators.base import Operator
 
 #: ``log_decay`` above this value means a growing (unstable) state and is rejected.
 MAX_LOG_DECAY = 1e-6
+#: Without gradients, a materialized probe whose largest entry is at least ``2^-PROBE_REUSE_RANGE``
+#: is reused as is: its entries lose nothing above the absolute floor (``1024 * tiny``).
+PROBE_REUSE_RANGE = 8.0
 
 
 class DiagonalRealization(Operator):
@@ -175,6 +178,11 @@ class DiagonalRealization(Operator):
         gradients and folded into the factors, half into each, so ``T`` comes out with a largest
         entry near 1: scaling ``T`` afterwards would multiply its gradient, which is already as
         large as ``1 / ||block||`` for a block far below the channel's peak, by that scale too.
+
+        Without gradients on the CPU the probe itself is the result whenever every channel's
+        product lies within ``2^-PROBE_REUSE_RANGE`` of 1 (the usual case): scaling by a power of two
+        is exact, so the fold would only recompute the same numbers. Elsewhere (gradients, or an
+        accelerator, where the check would synchronise with the host) ``T`` is built a second time.
         """
         from ess_reg.functional._scaling import floor_log_decay, normalize_channels, power_of_two_exponent
 
@@ -182,12 +190,16 @@ class DiagonalRealization(Operator):
         log_decay = floor_log_decay(log_decay)
         c, exponent_c = normalize_channels(c, (-2, -1))
         b, exponent_b = normalize_channels(b, (-2, -1))
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors())
         with torch.no_grad():
             probe = materialize(c, b, log_decay)
             extra = power_of_two_exponent(probe.abs().amax(dim=(-2, -1)))  # [..., C]
             # the modes' sum before the decay reaches about 4 N 2^-extra: never let it overflow (what
             # is left of the scale is taken out afterwards by scaled_dense, as before)
             extra = extra.clamp_min(-(1000.0 - math.ceil(math.log2(max(2, c.shape[-1])))))
+            if (not needs_grad and probe.device.type == "cpu"
+                    and bool((extra >= -PROBE_REUSE_RANGE).all())):
+                return probe * torch.exp2(-extra)[..., None, None], exponent_c + exponent_b + extra
         half = torch.floor(extra / 2)
         c = c * torch.exp2(-half)[..., None, None].to(c.real.dtype)
         b = b * torch.exp2(half - extra)[..., None, None].to(b.real.dtype)

@@ -656,3 +656,35 @@ def test_materialization_without_gradients_equals_the_folded_build(decay, comple
     torch.testing.assert_close(plain_exponent, folded_exponent, rtol=0, atol=0)
     np.testing.assert_allclose(op.dense().numpy(), reference_matrix(c, b, ld), rtol=1e-10,
                                atol=1e-12 * float(reference_matrix(c, b, ld).__abs__().max()))
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("decay", ["diagonal", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decayed_rows_fast_path_equals_the_bounded_rows(complex_, decay, dtype, monkeypatch):
+    """The Gramian route's plain decayed rows (taken when no bound can be active) give the values
+    and gradients of the bounded rows, which a negative row limit forces."""
+    import ess_reg.functional.gramian_route as gramian_route
+
+    c, b, ld = random_realization(3, 24, 4, batch=2, decay=decay, complex_=complex_, seed=5)
+    calls = []
+    original = gramian_route._bounded_above
+    monkeypatch.setattr(gramian_route, "_bounded_above",  # a row bound has a ceiling per entry
+                        lambda x, ceiling: calls.append(ceiling.dim()) or original(x, ceiling))
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (c, b, ld)]
+        curve = ess_curve(DiagonalRealization(*leaves), method="gramian", splits=[3, 9, 10, 20],
+                          dtype=dtype)
+        grads = torch.autograd.grad(curve.sum(), leaves)
+        return curve.detach(), grads
+
+    fast, fast_grads = run()
+    assert not any(calls)  # well-scaled rows take the plain product
+    monkeypatch.setattr(gramian_route, "_ROW_LIMIT", -1.0)
+    bounded, bounded_grads = run()
+    assert any(calls)
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(fast, bounded, **tolerance)
+    for a, b_ in zip(fast_grads, bounded_grads, strict=True):
+        torch.testing.assert_close(a, b_, **tolerance)

@@ -195,19 +195,7 @@ class _Segments:
         row_scale = torch.where(live, log_norm, torch.full((), torch.inf, dtype=log_norm.dtype,
                                                             device=log_norm.device))[:, segment]
         exponent_rows = -row_scale if row_log is None else row_log - row_scale
-        # a zero factor bounds nothing (its row's exponent may be huge): exp(-inf) = 0 there, with a
-        # zero derivative. Elsewhere a row never exceeds its column's norm (|entry| <= 1); where the
-        # root lost a column to underflow the bound is enforced, which only touches entries far below
-        # every block's resolution
-        magnitude = factors[:, part].detach().abs().expand_as(exponent_rows)
-        present = magnitude > 0
-        ceiling = -torch.log(torch.where(present, magnitude, torch.ones((), dtype=magnitude.dtype,
-                                                                          device=magnitude.device)))
-        ceiling = ceiling.double() + 1.0
-        real = _bounded_above(exponent_rows.real, ceiling)
-        bounded = torch.complex(real, exponent_rows.imag) if exponent_rows.is_complex() else real
-        exponent_rows = torch.where(present, bounded, -torch.inf)
-        rows = factors[:, part] * torch.exp(exponent_rows).to(self.dtype)
+        rows = _decayed_rows(factors[:, part], exponent_rows, self.dtype)
         step = 0.0 if self.anchor_log is None else self.anchor_log[:, 1:] - self.anchor_log[:, :-1]
         both = live[:, :-1] & live[:, 1:]
         # |e| <= 1: a column's norm at the later split includes the decayed earlier one; where the
@@ -283,6 +271,41 @@ class _Segments:
         return values, (2 * log_t).to(values.dtype)
 
 
+
+#: A decayed row whose entries all stay below this (and whose factors are all non-zero) needs no
+#: bound: the bound ``|row| <= e`` of :func:`_decayed_rows` cannot be active.
+_ROW_LIMIT = 2.0
+
+
+def _decayed_rows(factors: torch.Tensor, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``factors * exp(exponent)`` (``[M, P, N']``), each entry bounded to ``e`` in value.
+
+    A row never exceeds its column's norm (``|entry| <= 1`` of the scaled Gramian), so the bound
+    only removes rounding excess, or enforces itself where the root lost a column to underflow.
+    A zero factor bounds nothing (its row's exponent may be huge): its row is exactly 0 with a zero
+    derivative. On the CPU the plain product is taken when it is finite, every factor is non-zero
+    and every entry lies below ``_ROW_LIMIT`` (one host read): the bound is then inactive and the
+    result, value and derivative, is the bounded one, in three element-wise passes instead of
+    about fifteen.
+    """
+    if factors.device.type == "cpu":
+        plain = factors * torch.exp(exponent).to(dtype)
+        with torch.no_grad():
+            magnitude = plain.abs()
+            fits = bool((magnitude <= _ROW_LIMIT).all()) and bool((factors != 0).all())
+        if fits:  # NaN fails the comparison too
+            return plain
+    magnitude = factors.detach().abs().expand_as(exponent)
+    present = magnitude > 0
+    ceiling = -torch.log(torch.where(present, magnitude, torch.ones((), dtype=magnitude.dtype,
+                                                                      device=magnitude.device)))
+    ceiling = ceiling.double() + 1.0
+    real = _bounded_above(exponent.real, ceiling)
+    bounded = torch.complex(real, exponent.imag) if exponent.is_complex() else real
+    exponent = torch.where(present, bounded, -torch.inf)
+    return factors * torch.exp(exponent).to(dtype)
+
+
 def _bounded_above(x: torch.Tensor, ceiling: torch.Tensor) -> torch.Tensor:
     """``min(x, ceiling)`` in value with the derivative of ``x`` (the bound only removes rounding
     excess or underflowed roots; a plain clamp would cut the gradient where ``x`` sits on it)."""
@@ -297,7 +320,8 @@ def _log_column_norms(root: torch.Tensor) -> torch.Tensor:
     peak = magnitude.amax(dim=-2)
     live = peak > 0
     safe = torch.where(live, peak, torch.ones_like(peak))
-    norm = torch.linalg.vector_norm(magnitude / safe[..., None, :], dim=-2)
+    scaled = magnitude / safe[..., None, :]  # entries at most 1: the squares cannot overflow
+    norm = (scaled * scaled).sum(dim=-2).sqrt()  # ten times faster than vector_norm over dim -2
     return torch.where(live, torch.log(safe) + torch.log(norm), -torch.inf)
 
 

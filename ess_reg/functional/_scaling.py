@@ -78,6 +78,17 @@ def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
     return flush_below(x, torch.finfo(x.dtype).tiny)
 
 
+def flush_subnormal_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``flush_subnormal(x.to(dtype))``, skipping the flush where it cannot change anything: every
+    non-zero value of ``x``'s dtype (its subnormals included) is a normal number of a wider
+    ``dtype`` (a float32 or half-precision tensor cast to float64)."""
+    source, target = torch.finfo(x.real.dtype), torch.finfo(real_dtype(dtype))
+    cast = x.to(dtype)
+    if source.tiny * source.eps >= target.tiny:
+        return cast
+    return flush_subnormal(cast)
+
+
 def flush_below(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """``x`` with real and imaginary parts of magnitude below ``threshold`` set to exactly zero.
 

@@ -15,7 +15,7 @@ from ess_reg.functional import dense_route
 from ess_reg.functional._scaling import (
     LN2,
     floor_log_decay,
-    flush_subnormal,
+    flush_subnormal_cast,
     limit_gradient,
     normalize_channels,
     power_of_two_exponent,
@@ -184,7 +184,7 @@ def _dense_spectrum(op: Operator, index: torch.Tensor, rank: int,
     element_budget = max(1, min(dense_route.MEMORY_BUDGET, spare // (workers * 4 * itemsize)))
     matrix, exponent = op.scaled_dense(precise)
     matrix, exponent = _flatten(matrix), exponent.reshape(-1)
-    matrix = flush_subnormal(matrix.to(compute))
+    matrix = flush_subnormal_cast(matrix, compute)
     values, log_scale = dense_route.dense_singular_values(matrix, index, rank, element_budget)
     return values, log_scale + (exponent * LN2)[:, None].to(log_scale.dtype)
 
@@ -199,7 +199,7 @@ def _scaled_factors(
     target = (torch.complex128 if compute == torch.float64 else torch.complex64) if op.is_complex else compute
     c, exponent_c = normalize_channels(_flatten(op.c), (-2, -1))
     b, exponent_b = normalize_channels(_flatten(op.b), (-2, -1))
-    c, b = flush_subnormal(c.to(target)), flush_subnormal(b.to(target))
+    c, b = flush_subnormal_cast(c, target), flush_subnormal_cast(b, target)
     log_decay = _flatten(op.log_decay)
     if log_decay is not None:
         wide = torch.complex128 if op.is_complex else torch.float64

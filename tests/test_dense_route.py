@@ -216,6 +216,31 @@ def test_backward_falls_back_to_the_svd_on_ill_conditioned_blocks(monkeypatch):
     assert counter.blocks > 0
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_ill_conditioned_blocks_take_the_gram_route_when_small_values_carry_no_gradient(
+        monkeypatch, complex_):
+    """ESS gradients stop below 1e-4 of each block's largest value: such blocks take the Gram route
+    whatever their condition number, and agree with autograd through svdvals to about 1e-8."""
+    counter = _SvdGradientCounter(monkeypatch)
+    length = 40
+    matrix = _softmax_attention(3, length, seed=24)
+    if complex_:
+        matrix = torch.complex(matrix, 0.3 * _softmax_attention(3, length, seed=25))
+    matrix[0, :, 7] *= 1e-7  # ill-conditioned blocks: a value near 1e-7 of the largest
+    splits = [3, 9, 17, 20, 26, 33]
+    rank = length // 2
+    values = torch.stack([torch.nn.functional.pad(torch.linalg.svdvals(matrix[:, i:, :i]),
+                                                  (0, rank - min(i, length - i)))
+                          for i in splits], dim=1)  # [3, S, rank]
+    weights = torch.rand(values.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    weights = torch.where(values > 1e-4 * values[..., :1], weights, 0)  # what limit_gradient leaves
+    got = _dense_gradient(matrix, splits, weights)
+    expected = _reference_gradient(matrix, splits, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-7 * float(expected.abs().max()))
+    assert counter.blocks == 0
+    assert bool((values[0] < 1e-6 * values[0, :, :1]).logical_and(values[0] > 0).any())  # ill-conditioned
+
+
 def test_complex_and_repeated_splits_in_the_gram_backward():
     g = torch.Generator().manual_seed(23)
     matrix = torch.complex(torch.randn(2, 24, 24, generator=g, dtype=torch.float64),

@@ -22,10 +22,11 @@ When gradients are needed the values come from the same route (its QR step is ne
 differentiated: that derivative divides by ``R``'s diagonal, zero for rank-deficient blocks);
 only ``T`` is kept for the backward, which recomputes each group's padded blocks ``T[i:, :i]``
 and adds ``U diag(grad) V^H``, one group at a time, so memory stays ``O(budget)`` at any length
-and number of splits. On the CPU, a block whose kept values are all at least 1e-3 times its largest
-(certified in the forward, as for the values) gets that term from a float64 ``eigh`` of its
-shorter side's Gram matrix, ``B V diag(grad / s) V^H``, about half the work of an SVD with both
-sets of vectors, which the other blocks get. Values below resolution are zero and take no part in
+and number of splits. On the CPU, a block whose values that carry a gradient are all at least about
+1e-4 times its largest gets that term from a float64 ``eigh`` of its shorter side's Gram matrix,
+``B V diag(grad / s) V^H``, about half the work of an SVD with both sets of vectors, which the other
+blocks get. ESS gradients stop below ``1e-4`` of each block's largest value (the gradient
+resolution), so every block of an ESS gradient qualifies, whatever its condition number. Values below resolution are zero and take no part in
 the gradient, as in the Gramian route. Cost per channel for all splits is ``O(L^4)``.
 """
 
@@ -50,6 +51,9 @@ MEMORY_BUDGET = 1 << 25
 _GRAM_DTYPES = (torch.float64, torch.complex128)
 #: Smallest eigenvalue / largest eigenvalue of a Gram matrix whose square roots are trusted.
 _GRAM_MIN_RATIO = 1e-6
+#: Smallest squared singular value carrying a gradient, over the largest squared, for which the
+#: backward takes the Gram route: just below the float64 gradient resolution squared (1e-8).
+_GRAM_GRADIENT_RATIO = 0.99e-8
 
 
 @dataclass(frozen=True)
@@ -103,21 +107,22 @@ class _DenseSpectrum(torch.autograd.Function):
         exponent = power_of_two_exponent(values[..., 0])  # [M, S]
         scaled = values * torch.exp2(-exponent)[..., None]
         log_scale = exponent * LN2
-        ctx.save_for_backward(matrix, exponent, scaled > 0, _gram_certified(scaled))
+        ctx.save_for_backward(matrix, exponent, scaled)
         ctx.splits, ctx.element_budget = splits, element_budget
         ctx.mark_non_differentiable(log_scale)
         return scaled, log_scale
 
     @staticmethod
     def backward(ctx, grad_values, _grad_log_scale):
-        matrix, exponent, kept, certified = ctx.saved_tensors
-        weight = torch.where(kept, grad_values, 0) * torch.exp2(-exponent)[..., None]
+        matrix, exponent, scaled = ctx.saved_tensors
+        weight = torch.where(scaled > 0, grad_values, 0) * torch.exp2(-exponent)[..., None]
         unique, inverse = torch.unique(ctx.splits, sorted=True, return_inverse=True)
         inverse = inverse.to(weight.device)
         weight = weight.new_zeros(weight.shape[0], unique.numel(), weight.shape[-1]).index_add_(
             1, inverse, weight)  # repeated splits add up
-        # a repeated split has the same values, hence the same certificate, at every occurrence
-        certified = certified.new_zeros(certified.shape[0], unique.numel()).index_copy_(1, inverse, certified)
+        # a repeated split has the same values at every occurrence
+        values = scaled.new_zeros(weight.shape).index_copy_(1, inverse, scaled)
+        certified = _gram_certified(values, weight != 0) if matrix.device.type == "cpu" else None
         grad = _blocks_gradient(matrix, unique.tolist(), weight, ctx.element_budget, certified)
         return grad, None, None, None
 
@@ -126,8 +131,8 @@ def _blocks_gradient(matrix: torch.Tensor, ordered: list[int], weight: torch.Ten
                      element_budget: int, certified: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_i`` of ``U_i diag(weight_i) V_i^H`` placed at ``T[i:, :i]``: ``[M, L, L]``.
 
-    ``certified`` ``[M, S]`` marks the blocks whose kept values are all at least
-    ``_GRAM_MIN_RATIO ** 0.5`` times their largest: on the CPU their term comes from the Gram
+    ``certified`` ``[M, S]`` marks the blocks whose values with a non-zero weight are all at least
+    ``_GRAM_GRADIENT_RATIO ** 0.5`` times their largest: on the CPU their term comes from the Gram
     matrix's ``eigh`` (see :func:`_gram_gradient`), the others from an SVD with singular vectors."""
     length, count = matrix.shape[-1], matrix.shape[0]
     tasks: list[tuple[tuple[int, ...], range, slice]] = []
@@ -163,12 +168,15 @@ def _blocks_gradient(matrix: torch.Tensor, ordered: list[int], weight: torch.Ten
     return grad
 
 
-def _gram_certified(values: torch.Tensor) -> torch.Tensor:
-    """``[M, S]``: whether every kept value of ``values`` ``[M, S, R]`` (descending) is at least
-    ``sqrt(_GRAM_MIN_RATIO)`` (1e-3) times the largest, so the Gram route of the backward is exact
-    to about ``eps * 1e6`` (see :func:`_gram_gradient`)."""
-    kept = values > 0
-    return (~kept | (values * values >= _GRAM_MIN_RATIO * values[..., :1] ** 2)).all(dim=-1)
+def _gram_certified(values: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
+    """``[M, S]``: whether every value of ``values`` ``[M, S, R]`` (descending) that carries a
+    gradient (``carries``) is at least ``sqrt(_GRAM_GRADIENT_RATIO)`` (about 1e-4) times the
+    largest, so the Gram route of the backward is exact to about ``eps * 1e8`` relative per value
+    (see :func:`_gram_gradient`). Values below the gradient resolution (``1e-4`` of their block's
+    largest in float64 compute, see ``ess_reg.functional._scaling``) reach the backward with a zero
+    gradient, so every block of an ESS gradient is certified."""
+    carries = carries & (values > 0)
+    return (~carries | (values * values >= _GRAM_GRADIENT_RATIO * values[..., :1] ** 2)).all(dim=-1)
 
 
 def _svd_gradient(blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -187,7 +195,9 @@ def _gram_gradient(blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     function of the Gram matrix, ``f(lambda) = w / sqrt(lambda)`` on the kept values, so rounding of
     about ``eps * s_max^2`` in the Gram matrix moves it by about ``eps * (s_max / s_min)^2`` relative
     (near-equal values carry near-equal weights, so mixing inside a cluster cancels): only blocks
-    whose kept values are all at least 1e-3 times their largest take this route (``_gram_certified``).
+    whose values with a non-zero weight are all at least about 1e-4 times their largest take this
+    route (``_gram_certified``): about ``2e-8`` relative for the smallest such value's term, far
+    less for the larger ones. A value without a weight only enters through ``f = 0``.
     """
     wide = torch.complex128 if blocks.is_complex() else torch.float64
     # each block to a largest entry in [1, 2) (powers of two: exact), so its Gram matrix can neither

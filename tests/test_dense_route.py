@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import random_causal, reference_singular_values
 
-from ess_reg import split_singular_values
+from ess_reg import ess_curve, split_singular_values
 from ess_reg.functional import dense_route
 
 
@@ -239,6 +239,31 @@ def test_ill_conditioned_blocks_take_the_gram_route_when_small_values_carry_no_g
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-7 * float(expected.abs().max()))
     assert counter.blocks == 0
     assert bool((values[0] < 1e-6 * values[0, :, :1]).logical_and(values[0] > 0).any())  # ill-conditioned
+
+
+@pytest.mark.parametrize("gap", [1e-3, 1e-9])
+def test_values_straddling_the_gradient_cutoff_closely_keep_the_svd_backward(monkeypatch, gap):
+    """Two values 1e-4 (1 +- gap) of the largest: only the upper one carries an ESS gradient, and
+    the Gram matrix would mix their vectors (error about eps / (4e-8 gap)); the SVD stays exact."""
+    counter = _SvdGradientCounter(monkeypatch)
+    length, split = 16, 8
+    g = torch.Generator().manual_seed(1)
+    left = torch.linalg.qr(torch.randn(length - split, length - split, generator=g, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(split, split, generator=g, dtype=torch.float64))[0]
+    sigma = torch.tensor([1.0, 0.6, 0.3, 0.1, 1e-4 * (1 + gap), 1e-4 * (1 - gap), 3e-5, 1e-6],
+                         dtype=torch.float64)
+    matrix = torch.zeros(1, length, length, dtype=torch.float64)
+    matrix[0, split:, :split] = left[:, :split] @ torch.diag(sigma) @ right.T
+    leaf = matrix.clone().requires_grad_()
+    ess_curve(leaf, method="dense", splits=[split]).sum().backward()
+    reference = matrix.clone().requires_grad_()
+    values = torch.linalg.svdvals(reference[0, split:, :split])
+    values = torch.where(values.detach() > 1e-4 * values[0].detach(), values, values.detach())
+    p = values / values.sum()
+    torch.exp(-(p * torch.log(p)).sum()).backward()
+    scale = float(reference.grad.abs().max())
+    torch.testing.assert_close(leaf.grad, reference.grad, rtol=1e-9, atol=1e-9 * scale)
+    assert counter.blocks == 1
 
 
 def test_complex_and_repeated_splits_in_the_gram_backward():

@@ -688,3 +688,17 @@ def test_decayed_rows_fast_path_equals_the_bounded_rows(complex_, decay, dtype, 
     torch.testing.assert_close(fast, bounded, **tolerance)
     for a, b_ in zip(fast_grads, bounded_grads, strict=True):
         torch.testing.assert_close(a, b_, **tolerance)
+
+
+def test_realization_dense_under_vmap_and_jvp():
+    """``dense()`` stays usable inside ``torch.func`` transforms (no data-dependent branch there)."""
+    c, b, ld = random_realization(2, 8, 3, seed=1)
+
+    def build(c_):
+        return DiagonalRealization(c_, b, ld, validate=False).dense()
+
+    batched = torch.vmap(build)(torch.stack([c, 2 * c]))
+    torch.testing.assert_close(batched[0], build(c), rtol=0, atol=0)
+    torch.testing.assert_close(batched[1], 2 * build(c))
+    _, tangent = torch.func.jvp(build, (c,), (torch.ones_like(c),))
+    torch.testing.assert_close(tangent, build(c + 1) - build(c))  # linear in c

@@ -23,11 +23,13 @@ differentiated: that derivative divides by ``R``'s diagonal, zero for rank-defic
 only ``T`` is kept for the backward, which recomputes each group's padded blocks ``T[i:, :i]``
 and adds ``U diag(grad) V^H``, one group at a time, so memory stays ``O(budget)`` at any length
 and number of splits. On the CPU, a block whose values that carry a gradient are all at least about
-1e-4 times its largest gets that term from a float64 ``eigh`` of its shorter side's Gram matrix,
-``B V diag(grad / s) V^H``, about half the work of an SVD with both sets of vectors, which the other
-blocks get. ESS gradients stop below ``1e-4`` of each block's largest value (the gradient
-resolution), so every block of an ESS gradient qualifies, whatever its condition number. Values below resolution are zero and take no part in
-the gradient, as in the Gramian route. Cost per channel for all splits is ``O(L^4)``.
+1e-4 times its largest, and at least that far from the values that carry none, gets that term from
+a float64 ``eigh`` of its shorter side's Gram matrix, ``B V diag(grad / s) V^H``, about half the
+work of an SVD with both sets of vectors, which the other blocks get. ESS gradients stop below
+``1e-4`` of each block's largest value (the gradient resolution), so nearly every block of an ESS
+gradient qualifies, whatever its condition number: only values straddling that cutoff closely send
+a block to the SVD. Values below resolution are zero and take no part in the gradient, as in the
+Gramian route. Cost per channel for all splits is ``O(L^4)``.
 """
 
 from __future__ import annotations
@@ -169,14 +171,25 @@ def _blocks_gradient(matrix: torch.Tensor, ordered: list[int], weight: torch.Ten
 
 
 def _gram_certified(values: torch.Tensor, carries: torch.Tensor) -> torch.Tensor:
-    """``[M, S]``: whether every value of ``values`` ``[M, S, R]`` (descending) that carries a
-    gradient (``carries``) is at least ``sqrt(_GRAM_GRADIENT_RATIO)`` (about 1e-4) times the
-    largest, so the Gram route of the backward is exact to about ``eps * 1e8`` relative per value
-    (see :func:`_gram_gradient`). Values below the gradient resolution (``1e-4`` of their block's
-    largest in float64 compute, see ``ess_reg.functional._scaling``) reach the backward with a zero
-    gradient, so every block of an ESS gradient is certified."""
+    """``[M, S]``: whether the Gram route of the backward is exact to about ``eps * 1e8`` relative
+    for a block with descending ``values`` ``[M, S, R]``, of which ``carries`` have a non-zero
+    gradient weight (see :func:`_gram_gradient`).
+
+    Two conditions, with ``r = _GRAM_GRADIENT_RATIO`` (about ``1e-8``): every value that carries
+    a gradient has ``s^2 >= r s_max^2`` (its ``1 / s`` is then resolved), and wherever a value that
+    carries a gradient sits next to one that does not, their squares are at least ``r s_max^2``
+    apart (the Gram matrix mixes their vectors by about ``eps s_max^2 / (s_k^2 - s_j^2)``, and
+    their weights differ by the whole weight). Values below the gradient resolution (``1e-4`` of
+    their block's largest in float64 compute, see ``ess_reg.functional._scaling``) reach the
+    backward with a zero weight, so a block of an ESS gradient fails only when values straddle
+    that cutoff closely."""
     carries = carries & (values > 0)
-    return (~carries | (values * values >= _GRAM_GRADIENT_RATIO * values[..., :1] ** 2)).all(dim=-1)
+    squares = values * values
+    floor = _GRAM_GRADIENT_RATIO * squares[..., :1]
+    resolved = (~carries | (squares >= floor)).all(dim=-1)
+    switch = carries[..., 1:] != carries[..., :-1]
+    separated = (~switch | (squares[..., :-1] - squares[..., 1:] >= floor)).all(dim=-1)
+    return resolved & separated
 
 
 def _svd_gradient(blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -195,9 +208,10 @@ def _gram_gradient(blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     function of the Gram matrix, ``f(lambda) = w / sqrt(lambda)`` on the kept values, so rounding of
     about ``eps * s_max^2`` in the Gram matrix moves it by about ``eps * (s_max / s_min)^2`` relative
     (near-equal values carry near-equal weights, so mixing inside a cluster cancels): only blocks
-    whose values with a non-zero weight are all at least about 1e-4 times their largest take this
-    route (``_gram_certified``): about ``2e-8`` relative for the smallest such value's term, far
-    less for the larger ones. A value without a weight only enters through ``f = 0``.
+    whose values with a non-zero weight are all at least about 1e-4 times their largest, and
+    whose weighted and unweighted values are that far apart where they meet, take this route
+    (``_gram_certified``): about ``2e-8`` relative for the smallest such value's term, far less for
+    the larger ones.
     """
     wide = torch.complex128 if blocks.is_complex() else torch.float64
     # each block to a largest entry in [1, 2) (powers of two: exact), so its Gram matrix can neither

@@ -179,10 +179,11 @@ class DiagonalRealization(Operator):
         entry near 1: scaling ``T`` afterwards would multiply its gradient, which is already as
         large as ``1 / ||block||`` for a block far below the channel's peak, by that scale too.
 
-        Without gradients on the CPU the probe itself is the result whenever every channel's
-        product lies within ``2^-PROBE_REUSE_RANGE`` of 1 (the usual case): scaling by a power of two
-        is exact, so the fold would only recompute the same numbers. Elsewhere (gradients, or an
-        accelerator, where the check would synchronise with the host) ``T`` is built a second time.
+        Without gradients on the CPU (outside ``torch.func`` transforms) the probe itself is the
+        result whenever every channel's product lies within ``2^-PROBE_REUSE_RANGE`` of 1 (the
+        usual case): scaling by a power of two is exact, so the fold would only recompute the same
+        numbers. Elsewhere (gradients, or an accelerator, where the check would synchronise with
+        the host) ``T`` is built a second time.
         """
         from ess_reg.functional._scaling import floor_log_decay, normalize_channels, power_of_two_exponent
 
@@ -197,7 +198,7 @@ class DiagonalRealization(Operator):
             # the modes' sum before the decay reaches about 4 N 2^-extra: never let it overflow (what
             # is left of the scale is taken out afterwards by scaled_dense, as before)
             extra = extra.clamp_min(-(1000.0 - math.ceil(math.log2(max(2, c.shape[-1])))))
-            if (not needs_grad and probe.device.type == "cpu"
+            if (not needs_grad and probe.device.type == "cpu" and not _functorch_active()
                     and bool((extra >= -PROBE_REUSE_RANGE).all())):
                 return probe * torch.exp2(-extra)[..., None, None], exponent_c + exponent_b + extra
         half = torch.floor(extra / 2)
@@ -242,6 +243,13 @@ def masked_decay(cum: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
     diff = cum[..., :, None] - cum[..., None, :]
     safe = torch.where(causal, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
     return torch.where(causal, torch.exp(safe), torch.zeros((), dtype=diff.dtype, device=diff.device))
+
+
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``) is running: it forbids the
+    data-dependent branch that reuses the probe."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -288,12 +288,11 @@ def _decayed_rows(factors: torch.Tensor, exponent: torch.Tensor, dtype: torch.dt
     result, value and derivative, is the bounded one, in three element-wise passes instead of
     about fifteen.
     """
-    if factors.device.type == "cpu":
+    if factors.device.type == "cpu" and bool((factors != 0).all()):
         plain = factors * torch.exp(exponent).to(dtype)
         with torch.no_grad():
-            magnitude = plain.abs()
-            fits = bool((magnitude <= _ROW_LIMIT).all()) and bool((factors != 0).all())
-        if fits:  # NaN fails the comparison too
+            fits = bool((plain.abs() <= _ROW_LIMIT).all())  # NaN fails the comparison too
+        if fits:
             return plain
     magnitude = factors.detach().abs().expand_as(exponent)
     present = magnitude > 0

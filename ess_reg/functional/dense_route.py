@@ -133,9 +133,9 @@ def _blocks_gradient(matrix: torch.Tensor, ordered: list[int], weight: torch.Ten
                      element_budget: int, certified: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_i`` of ``U_i diag(weight_i) V_i^H`` placed at ``T[i:, :i]``: ``[M, L, L]``.
 
-    ``certified`` ``[M, S]`` marks the blocks whose values with a non-zero weight are all at least
-    ``_GRAM_GRADIENT_RATIO ** 0.5`` times their largest: on the CPU their term comes from the Gram
-    matrix's ``eigh`` (see :func:`_gram_gradient`), the others from an SVD with singular vectors."""
+    ``certified`` ``[M, S]`` marks the blocks that :func:`_gram_certified` accepts: on the CPU their
+    term comes from the Gram matrix's ``eigh`` (see :func:`_gram_gradient`), the others from an SVD
+    with singular vectors."""
     length, count = matrix.shape[-1], matrix.shape[0]
     tasks: list[tuple[tuple[int, ...], range, slice]] = []
     start = 0

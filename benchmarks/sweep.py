@@ -14,6 +14,12 @@ file (JSONL, written by this process only); a restart skips the runs already the
 was interrupted continues from its own ``checkpoint.pt``. A cell may list ``settings = [...]`` to
 run only there.
 
+A grid whose run folders others load (a distillation study's teachers) sets ``runs_dir`` to a
+tracked folder and ``keep_models = true``: each finished run's ``checkpoint.pt`` is then cut to the
+trained model, its config and its step (no optimizer state, about a third of the size), and the
+runner's own files and the run's figures are removed (``metrics.jsonl`` keeps the curves), so the
+folders can be committed and outlive the machine.
+
 ``report`` prints, per setting and cell, mean ± sd of the final test accuracy and of the mean
 utilization over layers, the per-seed values, and the paired difference (same seed) against the
 ``--reference`` cells. Seeds used to choose hyper-parameters belong in one grid, the seeds that are
@@ -56,6 +62,7 @@ class Grid:
     results: Path
     runs_dir: Path
     runs: list[Run]
+    keep_models: bool = False  # finished runs keep a model-only checkpoint and no runner files
 
     def done(self) -> dict[str, dict[str, Any]]:
         """Finished runs by key, from the results file."""
@@ -111,7 +118,10 @@ def load_grid(path: str | Path, seeds: Iterable[int] | None = None) -> Grid:
     name = spec.get("name", path.stem)
     results = _resolve(spec.get("results", f"benchmarks/sweeps/{name}.jsonl"))  # tracked
     runs_dir = _resolve(spec.get("runs_dir", f"runs/sweeps/{name}"))  # ignored by git
-    return Grid(name, results, runs_dir, runs)
+    keep_models = spec.get("keep_models", False)
+    if not isinstance(keep_models, bool):
+        raise ValueError(f"{path}: keep_models must be true or false, got {keep_models!r}")
+    return Grid(name, results, runs_dir, runs, keep_models)
 
 
 def _resolve(text: str) -> Path:
@@ -148,7 +158,7 @@ def run_grids(grids: list[Grid], workers: int = 2, *, echo: bool = True) -> list
     while queue or running:
         while queue and len(running) < workers:  # one process per run: a crash costs one run only
             grid, run = queue.pop(0)
-            running[(grid.name, run.key)] = (grid, _start(run, grid.runs_dir / run.key))
+            running[(grid.name, run.key)] = (grid, _start(run, grid.runs_dir / run.key, grid.keep_models))
         time.sleep(0.2)
         for slot, (grid, (process, record_path, log_path)) in list(running.items()):
             if process.poll() is None:
@@ -167,6 +177,10 @@ def run_grids(grids: list[Grid], workers: int = 2, *, echo: bool = True) -> list
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+            if grid.keep_models:  # recorded: the runner's files and the figures are not kept
+                for path in [record_path.parent / "sweep_run.json", record_path.parent / "sweep.log",
+                             *record_path.parent.glob("*.png")]:
+                    path.unlink(missing_ok=True)
             new.append(record)
             if echo:
                 print(f"  {key}: accuracy {record['test_accuracy']:.3f}, utilization "
@@ -177,12 +191,12 @@ def run_grids(grids: list[Grid], workers: int = 2, *, echo: bool = True) -> list
     return new
 
 
-def _start(run: Run, folder: Path) -> tuple[subprocess.Popen, Path, Path]:
+def _start(run: Run, folder: Path, keep_model: bool = False) -> tuple[subprocess.Popen, Path, Path]:
     """Launch ``train_one`` for ``run`` in a fresh Python with one thread; its record goes to a file."""
     folder.mkdir(parents=True, exist_ok=True)
     spec, record, log = folder / "sweep_run.json", folder / "sweep_record.json", folder / "sweep.log"
     record.unlink(missing_ok=True)
-    spec.write_text(json.dumps(dataclasses.asdict(run)))
+    spec.write_text(json.dumps({**dataclasses.asdict(run), "keep_model": keep_model}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with log.open("w") as fh:
         process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_one", str(spec)],
@@ -190,8 +204,9 @@ def _start(run: Run, folder: Path) -> tuple[subprocess.Popen, Path, Path]:
     return process, record, log
 
 
-def train_one(run: Run, folder: str) -> dict[str, Any]:
-    """Train one run (continuing its checkpoint if one exists) and summarise it."""
+def train_one(run: Run, folder: str, keep_model: bool = False) -> dict[str, Any]:
+    """Train one run (continuing its checkpoint if one exists) and summarise it; with
+    ``keep_model``, cut its checkpoint to the model once trained (see :func:`keep_model_only`)."""
     import torch
 
     from ess_reg.training import TrainConfig, resume_config, train
@@ -206,12 +221,15 @@ def train_one(run: Run, folder: str) -> dict[str, Any]:
             saved = resume_config(folder)
         except ValueError:  # not a checkpoint this code can continue
             saved = None
-        if saved is not None and same_run(dataclasses.replace(saved, out=folder), config):  # interrupted
+        if saved is not None and same_run(dataclasses.replace(saved, out=folder), config) and \
+                _resumable(checkpoint):  # interrupted
             config, resumed = saved, True
         else:
             print(f"  {run.key}: the grid changed since its checkpoint; starting it again", flush=True)
     last = train(config, progress=False, overwrite=not resumed, resume=resumed)
     sizes = layer_sizes(folder, config)
+    if keep_model:
+        keep_model_only(checkpoint)
     metric = last.get("metric", {})
     utilization = {k[: -len("/utilization")]: v for k, v in metric.items() if k.endswith("/utilization")}
     return {"key": run.key, "setting": run.setting, "cell": run.cell, "seed": run.seed,
@@ -223,6 +241,30 @@ def train_one(run: Run, folder: str) -> dict[str, Any]:
             "seconds": time.perf_counter() - start, "resumed": resumed,
             "train_seconds": last.get("elapsed_s"), "metric": metric, "layers": sizes,
             **({"test_distill_kl": last["test_distill_kl"]} if "test_distill_kl" in last else {})}
+
+
+#: What a model-only checkpoint keeps: enough for ``load_run`` and a student's ``load_teacher``.
+MODEL_ONLY = ("model", "train_config", "step", "elapsed_s")
+
+
+def keep_model_only(checkpoint: Path) -> None:
+    """Rewrite a finished run's ``checkpoint.pt`` with the trained model, its config and its step
+    only (no optimizer, scheduler or random state): it still loads as a run (``load_run``, a
+    teacher), but no longer resumes."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    slim = {key: state[key] for key in MODEL_ONLY if key in state}
+    tmp = checkpoint.with_suffix(".tmp")
+    torch.save(slim, tmp)
+    os.replace(tmp, checkpoint)
+
+
+def _resumable(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds a training state (a model-only one does not)."""
+    import torch
+
+    return "optimizer" in torch.load(checkpoint, map_location="cpu", weights_only=True)
 
 
 def same_run(a: Any, b: Any) -> bool:
@@ -355,7 +397,7 @@ def _one(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     run = Run(spec["setting"], spec["cell"], spec["seed"], spec["config"])
     folder = Path(spec_path).parent
-    record = train_one(run, str(folder))
+    record = train_one(run, str(folder), keep_model=spec.get("keep_model", False))
     tmp = folder / "sweep_record.json.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, folder / "sweep_record.json")

@@ -192,3 +192,32 @@ def test_gate_statistics_of_a_trained_run(tmp_path):
     for layer in stats.values():
         assert 0 < layer["mean_decay"] <= 1 and 0 <= layer["share_above_0_9"] <= 1
         assert all(math.isfinite(v) for v in layer.values())
+
+
+def test_kept_models_are_model_only_loadable_teachers_and_restart_cleanly(tmp_path):
+    import pytest
+    import torch
+
+    from ess_reg.training import TrainConfig, load_run, load_teacher
+
+    sweep = _load_sweep()
+    grid_path = tmp_path / "grid.toml"
+    text = GRID.format(results=tmp_path / "r.jsonl", runs=tmp_path / "kept").split("[cells.floor]")[0]
+    grid_path.write_text(text.replace('seeds = [0, 1]', 'seeds = [0, 1]\nkeep_models = true'))
+    grid = sweep.load_grid(grid_path, seeds=[0])
+    assert grid.keep_models
+    sweep.run_grid(grid, echo=False)
+    folder = tmp_path / "kept" / "gla" / "none" / "seed0"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert set(state) <= set(sweep.MODEL_ONLY) and "optimizer" not in state
+    model, config = load_run(folder)
+    assert config.steps == 6 and sum(p.numel() for p in model.parameters()) > 0
+    student = TrainConfig(**{**grid.runs[0].config, "teacher": str(folder), "out": str(tmp_path / "s")})
+    assert load_teacher(student) is not None  # a kept run is a finished teacher
+    record = sweep.train_one(grid.runs[0], str(folder), keep_model=True)  # cannot resume: trains again
+    assert not record["resumed"]
+    assert "optimizer" not in torch.load(folder / "checkpoint.pt", weights_only=True)
+    grid_path.write_text(text.replace('seeds = [0, 1]', 'seeds = [0, 1]\nkeep_models = "yes"'))
+    with pytest.raises(ValueError, match="keep_models must be true or false"):
+        sweep.load_grid(grid_path)

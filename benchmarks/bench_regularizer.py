@@ -8,7 +8,7 @@ same with every operator (``max_operators=None``), and the memory the forward (p
 in loss-term mode) keeps for the backward, counted exactly through
 ``torch.autograd.graph.saved_tensors_hooks``.
 
-    python benchmarks/bench_regularizer.py                 # gla, attention, mamba
+    python benchmarks/bench_regularizer.py                 # gla, attention, gla_wide, mamba
     python benchmarks/bench_regularizer.py --cases gla --threads 1
     python benchmarks/bench_regularizer.py --cases gla --operators 8,16,32,64,128   # cost per operator
 

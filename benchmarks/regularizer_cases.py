@@ -2,6 +2,9 @@
 
 - ``gla``: the default MQAR model (GLA, ``d_model`` 64, 2 layers) at ``L = 256``, batch 32;
 - ``attention``: the same with softmax attention;
+- ``gla_wide``: GLA with 64 state dimensions per head (2 heads, ``d_model`` 64, 2 layers) at
+  ``L = 64``, batch 64, the distillation study's teachers: a state as large as the sequence, so the
+  penalty takes the dense route;
 - ``mamba``: a transformers ``MambaForCausalLM`` built from a config (hidden 256, 4 layers,
   ``d_inner`` 512, state 16) at ``L = 512``, batch 4: ``d_inner x batch`` = 2048 operators a layer.
 
@@ -20,7 +23,7 @@ import torch
 from ess_reg import ESSRegularizer
 from ess_reg.tasks import MQAR, loss_fn
 
-CASES = ("gla", "attention", "mamba")
+CASES = ("gla", "attention", "gla_wide", "mamba")
 
 
 @dataclass
@@ -57,17 +60,22 @@ def build(name: str, device: str | torch.device = "cpu", *, small: bool = False,
                     f"L={length}, batch {batch}")
     from ess_reg.models import SequenceModel
 
-    mixer = "gla" if name == "gla" else "sa"
+    mixer = "sa" if name == "attention" else "gla"
     d_model, length, batch, kv, vocab = (16, 32, 4, 4, 64) if small else (64, 256, 32, 16, 512)
+    kwargs = {}
+    if name == "gla_wide":
+        length, batch, kv, vocab = (16, 4, 2, 64) if small else (64, 64, 8, 256)
+        kwargs = {"num_heads": 2, "expand_k": 2.0}
     task = MQAR(batch, length, kv, vocab, seed=0)
-    model = SequenceModel(mixer, d_model, 2, vocab)
+    model = SequenceModel(mixer, d_model, 2, vocab, **kwargs)
     targets = task.targets.to(device)
 
     def mqar_loss(model, ids):
         return loss_fn(model(ids), targets)
 
     return Case(name, model.to(device, dtype), task.inputs.to(device), mqar_loss,
-                f"{mixer.upper()} d_model {d_model}, 2 layers, L={length}, batch {batch}")
+                f"{mixer.upper()} d_model {d_model}, 2 layers, L={length}, batch {batch}"
+                + (f", 2 heads, state {d_model} per head" if name == "gla_wide" else ""))
 
 
 def stepper(case: Case, mode: str, **reg_kwargs: Any) -> Callable[[], None]:

@@ -32,7 +32,7 @@ def test_every_check_runs_and_passes_on_the_cpu(gpu_check, capsys):
     table = capsys.readouterr().out
     for row in ("gramian route, float64", "dense route, float32", "ESSRegularizer penalty and gradients",
                 "no host sync", "Gramian vs dense route", "step cost: gla", "step cost: attention",
-                "step cost: mamba"):
+                "step cost: gla_wide", "step cost: mamba"):
         assert f"| {row}" in table, row
     assert "FAIL" not in table
 

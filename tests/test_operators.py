@@ -117,10 +117,16 @@ def test_blocked_materialization_matches_the_entrywise_sum_in_value_and_gradient
     resets = torch.rand(shape, generator=generator) < 0.15
     real = torch.where(resets, torch.tensor(-1e3, dtype=torch.float64), real)
     real[..., -1:, 0] = -1500.0
-    ld = torch.complex(real, torch.randn(shape, dtype=torch.float64, generator=generator)) if complex_ else real
+    rotation = torch.randn(shape, dtype=torch.float64, generator=generator)
+    ld = torch.complex(real, rotation) if complex_ else real
     ld.requires_grad_()
     got, expected = materialize(c, b, ld), _entrywise(c, b, ld)
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    if length == 50:  # both kinds of diagonal block: one product, and masked entry by entry (resets)
+        from ess_reg.operators.diagonal import _smooth_blocks
+
+        smooth = _smooth_blocks(torch.cumsum(ld.detach(), dim=-2), 7)
+        assert any(smooth) and not all(smooth)
     weights = torch.randn(got.shape, dtype=torch.float64, generator=generator)
     for mine, theirs in zip(torch.autograd.grad(got, (c, b, ld), weights),
                             torch.autograd.grad(expected, (c, b, ld), weights), strict=True):

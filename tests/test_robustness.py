@@ -434,6 +434,11 @@ def _check_finite_everywhere(case: Case, dtype: torch.dtype):
 @example(case=Case(length=8, modes=2, channels=1, complex_=False, decay="diagonal", seed=0,
                    resets=(None,) * 8, c_exp=(0, 0, 0, 0, 0, 223, 0, 0), b_exp=(0, 0, 0, 0, 0, 0, 0, 86),
                    channel_exp=(-9,)))
+# b at 1e-137 early and 1e172 at the last step, which no block pairs: blocks about 1e-304 below the
+# channel's scale had a dense-route gradient past the float64 range (the gradient floor)
+@example(case=Case(length=5, modes=2, channels=1, complex_=False, decay="diagonal", seed=0,
+                   resets=(None,) * 5, c_exp=(0, 0, 0, 0, -4), b_exp=(-137, -136, 0, 0, 172),
+                   channel_exp=(0,)))
 def test_property_finite_values_and_gradients(case, dtype):
     _check_finite_everywhere(case, dtype)
 
@@ -698,7 +703,35 @@ def test_realization_dense_under_vmap_and_jvp():
         return DiagonalRealization(c_, b, ld, validate=False).dense()
 
     batched = torch.vmap(build)(torch.stack([c, 2 * c]))
-    torch.testing.assert_close(batched[0], build(c), rtol=0, atol=0)
+    # the transform takes the masked form of every diagonal block: equal up to rounding
+    torch.testing.assert_close(batched[0], build(c), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(batched[1], 2 * build(c))
     _, tangent = torch.func.jvp(build, (c,), (torch.ones_like(c),))
     torch.testing.assert_close(tangent, build(c + 1) - build(c))  # linear in c
+
+
+def test_power_of_two_scaling_is_exact_and_its_derivative_stays_in_range():
+    from ess_reg.functional._scaling import times_power_of_two
+
+    x = torch.tensor([3.0, -1.5e-300, 1e300], dtype=torch.float64, requires_grad=True)
+    exponent = torch.tensor([1500.0 - 1000, 1000.0, -1500.0], dtype=torch.float64)  # 2^1000: inf alone
+    y = times_power_of_two(x, exponent)
+    torch.testing.assert_close(y, x.detach() * torch.exp2(exponent / 2) * torch.exp2(exponent / 2),
+                               rtol=0, atol=0)
+    assert torch.isfinite(y).all()
+    outer = torch.tensor([1e-200, 1e-290, 1e290], dtype=torch.float64)
+    (grad,) = torch.autograd.grad(y, x, outer)
+    assert torch.isfinite(grad).all() and float(grad[1]) == 1e-290 * 2.0 ** 1000
+    assert float(grad[2]) == 1e290 * 2.0 ** -750 * 2.0 ** -750 > 0  # 2^-1500 alone is 0 in float64
+
+
+def test_zero_channels_beside_live_ones_give_zero_and_finite_gradients():
+    c, b, ld = random_realization(3, 12, 2, seed=4)
+    c, b = c.clone(), b.clone()
+    c[1] = 0.0
+    b[2] = 1e-320  # subnormal: zero in every scaled form
+    leaves = [t.clone().requires_grad_() for t in (c, b, ld)]
+    matrix = DiagonalRealization(*leaves).dense()
+    assert (matrix[1] == 0).all() and (matrix[2] == 0).all() and torch.isfinite(matrix).all()
+    ess_curve(DiagonalRealization(*leaves), method="dense").sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)

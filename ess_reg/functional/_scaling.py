@@ -21,6 +21,11 @@ Zeroed values carry no gradient. A third rule concerns gradients only:
   a few ``1e-7`` of the whole gradient (measured), below it the values' share of the entropy-ESS
   gradient is at most about ``1e-3`` (``p log(1/p)``), far less in the usual decaying spectra. Both routes
   follow the rule, so their gradients agree.
+* **gradient floor** (dense route): a split block whose largest singular value lies below
+  ``2^GRADIENT_FLOOR_LOG2`` (about ``1e-271``) of its channel's materialized ``T`` keeps its values
+  but carries no gradient: its derivative with respect to ``T`` is about ``1 / sigma_max``, which
+  the backward through the scaled factors would carry past the float64 range (a factor ``1e-137``
+  at one step and ``1e172`` at another, which no block pairs, gave ``-inf``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ FLOOR_FACTOR = 1024.0
 LN2 = math.log(2.0)
 #: Values at or below this fraction of their block's largest carry no gradient (see module doc).
 GRADIENT_RESOLUTION = {torch.float64: 1e-4, torch.float32: 1e-3}
+#: Dense route: blocks below ``2^GRADIENT_FLOOR_LOG2`` of their channel carry no gradient.
+GRADIENT_FLOOR_LOG2 = -900.0
 #: Per-step log-decays below this are raised to it: a reset that strong already zeroes every
 #: exponent it enters (``exp(-1500) = 0``), and the floor keeps the float64 cumsum finite and exact.
 LOG_DECAY_FLOOR = -1500.0
@@ -69,6 +76,18 @@ def normalize_channels(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Te
         x = x.float()
     factor = torch.where(live, torch.exp2(-exponent), torch.zeros_like(exponent)).to(x.real.dtype)
     return x * factor, exponent.squeeze(dims) if dims else exponent
+
+
+def times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``x * 2^exponent`` (``exponent`` detached, broadcast against ``x``), exact, in two halves of
+    the exponent: neither the product nor its derivative leaves the range on the way when the ends
+    fit, where one factor ``2^exponent`` could itself overflow (``|exponent| > 1023``), and where
+    two separate scalings (normalize, then shift) would carry the derivative through an
+    intermediate past the float64 range."""
+    exponent = exponent.detach()
+    first = torch.floor(exponent / 2)
+    dtype = x.real.dtype
+    return (x * torch.exp2(first).to(dtype)) * torch.exp2(exponent - first).to(dtype)
 
 
 def flush_subnormal(x: torch.Tensor) -> torch.Tensor:

@@ -184,14 +184,19 @@ class DiagonalRealization(Operator):
         numbers. Elsewhere (gradients, or an accelerator, where the check would synchronise with
         the host) ``T`` is built a second time.
         """
-        from ess_reg.functional._scaling import floor_log_decay, normalize_channels, power_of_two_exponent
+        from ess_reg.functional._scaling import (
+            floor_log_decay,
+            normalize_channels,
+            power_of_two_exponent,
+            times_power_of_two,
+        )
 
-        c, b, log_decay = self.factors(torch.float64)
+        raw_c, raw_b, log_decay = self.factors(torch.float64)
         log_decay = floor_log_decay(log_decay)
-        c, exponent_c = normalize_channels(c, (-2, -1))
-        b, exponent_b = normalize_channels(b, (-2, -1))
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors())
         with torch.no_grad():
+            c, exponent_c = normalize_channels(raw_c, (-2, -1))
+            b, exponent_b = normalize_channels(raw_b, (-2, -1))
             probe = materialize(c, b, log_decay)
             extra = power_of_two_exponent(probe.abs().amax(dim=(-2, -1)))  # [..., C]
             # the modes' sum before the decay reaches about 4 N 2^-extra: never let it overflow (what
@@ -201,8 +206,11 @@ class DiagonalRealization(Operator):
                     and bool((extra >= -PROBE_REUSE_RANGE).all())):
                 return probe * torch.exp2(-extra)[..., None, None], exponent_c + exponent_b + extra
         half = torch.floor(extra / 2)
-        c = c * torch.exp2(-half)[..., None, None].to(c.real.dtype)
-        b = b * torch.exp2(half - extra)[..., None, None].to(b.real.dtype)
+        # each factor scaled from its raw values in one exact step (normalization and fold together),
+        # so the derivative never passes through the normalized factor, whose derivative can lie
+        # past the float64 range when the channel's entries span more than it
+        c = times_power_of_two(raw_c, _scale_exponent(raw_c, -exponent_c - half))
+        b = times_power_of_two(raw_b, _scale_exponent(raw_b, half - extra - exponent_b))
         return materialize(c, b, log_decay), exponent_c + exponent_b + extra
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -210,6 +218,15 @@ class DiagonalRealization(Operator):
         target = _complex_dtype(dtype) if self.is_complex else dtype
         cast = [t.to(target) if t is not None else None for t in (self._c, self._b, self._log_decay)]
         return cast[0], cast[1], cast[2]
+
+
+def _scale_exponent(raw: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``exponent`` ``[..., C]`` as ``[..., C, 1, 1]``; a channel whose peak is zero or subnormal
+    (which :func:`normalize_channels` zeroes) gets ``-4000``, which zeroes it here too (exactly:
+    both halves of ``2^-4000`` are 0)."""
+    tiny = torch.finfo(raw.real.dtype).tiny
+    live = raw.detach().abs().amax(dim=(-2, -1)) >= tiny
+    return torch.where(live, exponent, -4000.0)[..., None, None]
 
 
 def materialize(c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None) -> torch.Tensor:
@@ -232,33 +249,67 @@ def materialize(c: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor | None
     return _blocked_decay_product(c, b, cum)
 
 
+#: A diagonal block whose decay spans at most this much (``max_j Re(G_s - G_j)`` over its columns
+#: ``j`` from its first one ``s``) is one product too: its factors stay within ``e^{+-60}`` of ``c``
+#: and ``b`` (at most ``2^500`` after the operator's scaling), far from over- and underflow.
+SMOOTH_BLOCK_SPAN = 60.0
+
+
 def _blocked_decay_product(c: torch.Tensor, b: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
     """``Re T`` for a per-mode decay with cumulative log-decay ``cum`` ``[..., L, N]``, one block of
-    ``w`` columns at a time (``w`` about ``sqrt(L)``).
+    ``w`` columns at a time (``w`` about ``2 sqrt(L)``).
 
     Below a column block ``[s, e)`` the decay factors through its last column ``r = e - 1``:
     ``exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j)`` for ``j <= r < i``, so the block is one batched
     product of ``c_i exp(G_i - G_r)`` and ``b_j exp(G_r - G_j)``, both exponents at most about 0
-    (nothing can overflow that the product itself would not). Inside the block's own rows the
-    causal mask is applied entry by entry, on ``[..., w, w, N]``.
+    (nothing can overflow that the product itself would not). The block's own rows factor through
+    its first column when the decay spans little there (:data:`SMOOTH_BLOCK_SPAN`, checked on the
+    CPU with one host read), the future then masked; otherwise (a reset inside the block, or an
+    accelerator) the causal mask is applied entry by entry, on ``[..., w, w, N]``, before ``exp``.
     """
     length = c.shape[-2]
-    width = max(1, round(math.sqrt(length)))  # balances the two parts' element-wise work
+    width = max(1, round(2 * math.sqrt(length)))  # measured best for smooth decays, L = 64 .. 512
+    starts = list(range(0, length, width))
+    smooth = _smooth_blocks(cum, width)
     blocks = []
-    for start in range(0, length, width):
+    for start, is_smooth in zip(starts, smooth, strict=True):
         end = min(start + width, length)
-        inner = _masked_block(c[..., start:end, :], b[..., start:end, :], cum[..., start:end, :])
+        rows = slice(start, end)
+        if is_smooth:
+            origin = cum[..., start: start + 1, :].detach()  # cancels: no gradient (huge and opposite)
+            product = (c[..., rows, :] * torch.exp(cum[..., rows, :] - origin)) @ (
+                b[..., rows, :] * torch.exp(origin - cum[..., rows, :])).mT
+            inner = torch.tril(product.real if product.is_complex() else product)
+        else:
+            inner = _masked_block(c[..., rows, :], b[..., rows, :], cum[..., rows, :])
         pieces = [inner]
         if start > 0:
             pieces.insert(0, inner.new_zeros(*inner.shape[:-2], start, end - start))
         if end < length:
-            anchor = cum[..., end - 1: end, :]
-            right = b[..., start:end, :] * torch.exp(anchor - cum[..., start:end, :])
+            anchor = cum[..., end - 1: end, :].detach()  # cancels, as the origin above
+            right = b[..., rows, :] * torch.exp(anchor - cum[..., rows, :])
             left = c[..., end:, :] * torch.exp(cum[..., end:, :] - anchor)
             below = left @ right.mT
             pieces.append(below.real if below.is_complex() else below)
         blocks.append(torch.cat(pieces, dim=-2) if len(pieces) > 1 else inner)
     return torch.cat(blocks, dim=-1)
+
+
+def _smooth_blocks(cum: torch.Tensor, width: int) -> list[bool]:
+    """Per block of ``width`` rows: whether its decay spans at most :data:`SMOOTH_BLOCK_SPAN` in
+    every channel and mode. One host read on the CPU; all False on an accelerator (no host
+    synchronisation) and under ``torch.func`` transforms (no data-dependent branch)."""
+    length = cum.shape[-2]
+    count = -(-length // width)
+    if cum.device.type != "cpu" or _functorch_active():
+        return [False] * count
+    with torch.no_grad():
+        first = torch.arange(length, device=cum.device) // width * width
+        span = (cum[..., first, :] - cum).real  # G_s - G_j for the block's first row s
+        span = span.reshape(-1, length, span.shape[-1]).amax(dim=(0, 2))  # [L]
+        span = torch.nn.functional.pad(span, (0, count * width - length), value=-math.inf)
+        worst = span.reshape(count, width).amax(dim=-1)
+        return (worst <= SMOOTH_BLOCK_SPAN).tolist()
 
 
 def _masked_block(c: torch.Tensor, b: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:

@@ -735,3 +735,45 @@ def test_zero_channels_beside_live_ones_give_zero_and_finite_gradients():
     assert (matrix[1] == 0).all() and (matrix[2] == 0).all() and torch.isfinite(matrix).all()
     ess_curve(DiagonalRealization(*leaves), method="dense").sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_saturated_gate_blocks_far_below_the_channel_keep_their_dense_gradient():
+    """A forget gate saturated at -650 puts the blocks after it about 1e-282 below the channel:
+    their ESS gradient through the dense route equals the Gramian route's (a gradient floor at
+    2^-900 once dropped it)."""
+    generator = torch.Generator().manual_seed(0)
+    c = torch.randn(1, 8, 2, dtype=torch.float64, generator=generator)
+    b = torch.randn(1, 8, 2, dtype=torch.float64, generator=generator)
+    ld = -0.3 * torch.rand(1, 8, 2, dtype=torch.float64, generator=generator)
+    ld[:, 4, :] = -650.0
+    results = {}
+    for method in ("dense", "gramian"):
+        results[method] = _evaluate((c, b, ld), method)
+    torch.testing.assert_close(results["dense"][0], results["gramian"][0], rtol=1e-9, atol=1e-9)
+    _assert_grads_close(results["dense"][1], results["gramian"][1], rtol=1e-9)
+    assert all(float(g.abs().max()) > 0 for g in results["dense"][1])
+
+
+def test_compiled_dense_build_does_not_recompile_when_resets_move():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    build = torch.compile(lambda c, b, ld: DiagonalRealization(c, b, ld, validate=False).dense(),
+                          backend=backend)
+    generator = torch.Generator().manual_seed(0)
+    counts = []
+    for step in range(5):
+        c = torch.randn(2, 40, 3, dtype=torch.float64, generator=generator)
+        b = torch.randn(2, 40, 3, dtype=torch.float64, generator=generator)
+        ld = -0.05 * torch.rand(2, 40, 3, dtype=torch.float64, generator=generator)
+        ld[:, 7 * step + 2, 0] = -100.0  # a reset in another block every step
+        torch.testing.assert_close(build(c, b, ld), DiagonalRealization(c, b, ld).dense(),
+                                   rtol=1e-12, atol=1e-14)
+        counts.append(len(graphs))
+    assert counts[-1] == counts[0], counts

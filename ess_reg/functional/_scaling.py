@@ -21,11 +21,6 @@ Zeroed values carry no gradient. A third rule concerns gradients only:
   a few ``1e-7`` of the whole gradient (measured), below it the values' share of the entropy-ESS
   gradient is at most about ``1e-3`` (``p log(1/p)``), far less in the usual decaying spectra. Both routes
   follow the rule, so their gradients agree.
-* **gradient floor** (dense route): a split block whose largest singular value lies below
-  ``2^GRADIENT_FLOOR_LOG2`` (about ``1e-271``) of its channel's materialized ``T`` keeps its values
-  but carries no gradient: its derivative with respect to ``T`` is about ``1 / sigma_max``, which
-  the backward through the scaled factors would carry past the float64 range (a factor ``1e-137``
-  at one step and ``1e172`` at another, which no block pairs, gave ``-inf``).
 """
 
 from __future__ import annotations
@@ -41,8 +36,6 @@ FLOOR_FACTOR = 1024.0
 LN2 = math.log(2.0)
 #: Values at or below this fraction of their block's largest carry no gradient (see module doc).
 GRADIENT_RESOLUTION = {torch.float64: 1e-4, torch.float32: 1e-3}
-#: Dense route: blocks below ``2^GRADIENT_FLOOR_LOG2`` of their channel carry no gradient.
-GRADIENT_FLOOR_LOG2 = -900.0
 #: Per-step log-decays below this are raised to it: a reset that strong already zeroes every
 #: exponent it enters (``exp(-1500) = 0``), and the floor keeps the float64 cumsum finite and exact.
 LOG_DECAY_FLOOR = -1500.0

@@ -40,13 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ess_reg._parallel import parallel_map
-from ess_reg.functional._scaling import (
-    GRADIENT_FLOOR_LOG2,
-    LN2,
-    clean_values,
-    normalize_channels,
-    power_of_two_exponent,
-)
+from ess_reg.functional._scaling import LN2, clean_values, normalize_channels, power_of_two_exponent
 
 #: A group may do at most this factor of the work its splits need unpadded.
 _PADDING_OVERHEAD = 1.35
@@ -123,9 +117,7 @@ class _DenseSpectrum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_log_scale):
         matrix, exponent, scaled = ctx.saved_tensors
-        # blocks below the gradient floor carry none: their 1 / sigma would overflow on the way back
-        carries = (scaled > 0) & (exponent >= GRADIENT_FLOOR_LOG2)[..., None]
-        weight = torch.where(carries, grad_values, 0) * torch.exp2(-exponent)[..., None]
+        weight = torch.where(scaled > 0, grad_values, 0) * torch.exp2(-exponent)[..., None]
         unique, inverse = torch.unique(ctx.splits, sorted=True, return_inverse=True)
         inverse = inverse.to(weight.device)
         weight = weight.new_zeros(weight.shape[0], unique.numel(), weight.shape[-1]).index_add_(

@@ -264,8 +264,9 @@ def _blocked_decay_product(c: torch.Tensor, b: torch.Tensor, cum: torch.Tensor) 
     product of ``c_i exp(G_i - G_r)`` and ``b_j exp(G_r - G_j)``, both exponents at most about 0
     (nothing can overflow that the product itself would not). The block's own rows factor through
     its first column when the decay spans little there (:data:`SMOOTH_BLOCK_SPAN`, checked on the
-    CPU with one host read), the future then masked; otherwise (a reset inside the block, or an
-    accelerator) the causal mask is applied entry by entry, on ``[..., w, w, N]``, before ``exp``.
+    CPU with one host read, outside ``torch.compile``), the future then masked; otherwise (a reset
+    inside the block, an accelerator, a compiled graph) the causal mask is applied entry by entry,
+    on ``[..., w, w, N]``, before ``exp``.
     """
     length = c.shape[-2]
     width = max(1, round(2 * math.sqrt(length)))  # measured best for smooth decays, L = 64 .. 512
@@ -298,11 +299,12 @@ def _blocked_decay_product(c: torch.Tensor, b: torch.Tensor, cum: torch.Tensor) 
 def _smooth_blocks(cum: torch.Tensor, width: int) -> list[bool]:
     """Per block of ``width`` rows: whether its decay spans at most :data:`SMOOTH_BLOCK_SPAN` in
     every channel and mode. One host read on the CPU; all False on an accelerator (no host
-    synchronisation) and under ``torch.func`` transforms (no data-dependent branch)."""
+    synchronisation), under ``torch.func`` transforms (no data-dependent branch) and under
+    ``torch.compile`` (whose guards on the choice would recompile whenever a reset moves)."""
     length = cum.shape[-2]
     count = -(-length // width)
-    if cum.device.type != "cpu" or _functorch_active():
-        return [False] * count
+    if cum.device.type != "cpu" or _functorch_active() or torch.compiler.is_compiling():
+        return [False] * count  # compiled: a data-dependent choice would recompile as the data moves
     with torch.no_grad():
         first = torch.arange(length, device=cum.device) // width * width
         span = (cum[..., first, :] - cum).real  # G_s - G_j for the block's first row s

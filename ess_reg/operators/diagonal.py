@@ -318,11 +318,9 @@ def _masked_block(c: torch.Tensor, b: torch.Tensor, cum: torch.Tensor) -> torch.
     """The causal ``[..., w, w]`` diagonal block of ``Re T`` from its own rows of ``c``, ``b`` and
     ``cum`` (``[..., w, N]``), the future masked before ``exp``."""
     width = c.shape[-2]
-    causal = torch.ones(width, width, dtype=torch.bool, device=c.device).tril()[..., None]
-    diff = cum[..., :, None, :] - cum[..., None, :, :]
-    zero = torch.zeros((), dtype=diff.dtype, device=diff.device)
-    decay = torch.where(causal, torch.exp(torch.where(causal, diff, zero)), zero)
-    term = (c[..., :, None, :] * b[..., None, :, :] * decay).sum(dim=-1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=c.device).tril()
+    decay = masked_decay(cum.mT, causal)  # [..., N, w, w]
+    term = (c.mT[..., :, :, None] * b.mT[..., :, None, :] * decay).sum(dim=-3)
     return term.real if term.is_complex() else term
 
 
